@@ -1,0 +1,229 @@
+"""Image datasets: scikit-learn digits (bundled) and MNIST / CIFAR-10 from local ``.npz`` files.
+
+All image inputs are float32, channels-last ``(N, H, W, C)``; targets are int32.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from deq.data._checks import check_int, check_same_length
+from deq.data.dataset import Dataset, split_train_test
+
+NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_digits(*, test_fraction: float = 0.2, seed: int = 0, normalize: bool = True) -> Dataset:
+    """Load scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes).
+
+    The data ships inside scikit-learn, so this never downloads anything.
+
+    Args:
+      test_fraction: fraction in ``[0, 1)`` of the images used for the test split.
+      seed: non-negative integer seed of the shuffled train/test split.
+      normalize: if True, pixels (integers 0..16) are divided by 16 into ``[0, 1]``;
+        otherwise they keep their raw 0..16 values (still float32).
+
+    Returns:
+      A :class:`Dataset` with ``x`` float32 ``(N, 8, 8, 1)``, ``y`` int32 in ``[0, 10)``,
+      ``input_shape=(8, 8, 1)`` and ``name="digits"``.
+
+    Example:
+      >>> ds = load_digits(test_fraction=0.2, seed=0)
+      >>> ds.x_train.shape, ds.x_test.shape, ds.x_train.dtype
+      ((1438, 8, 8, 1), (359, 8, 8, 1), dtype('float32'))
+    """
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    bunch = sklearn_load_digits()
+    x = bunch.images.astype(np.float32)[..., None]
+    if normalize:
+        x /= 16.0
+    y = bunch.target.astype(np.int32)
+    x_train, y_train, x_test, y_test = split_train_test(x, y, test_fraction=test_fraction, seed=seed)
+    return Dataset(x_train, y_train, x_test, y_test, 10, "digits", (8, 8, 1))
+
+
+def load_npz(path: str | os.PathLike[str], *, name: str, num_classes: int | None = None) -> Dataset:
+    """Load an image classification dataset from a local ``.npz`` file.
+
+    Expected file layout (e.g. written with ``numpy.savez(path, x_train=...,
+    y_train=..., x_test=..., y_test=...)``):
+
+    * ``x_train``, ``x_test``: images, ``(N, H, W)`` (grayscale), ``(N, H, W, C)``
+      (channels-last) or ``(N, C, H, W)`` with ``C`` in {1, 3} (channels-first,
+      transposed to channels-last). Integer pixels (uint8, 0..255) are divided by
+      255; float pixels are only cast to float32.
+    * ``y_train``, ``y_test``: integer labels, ``(N,)`` or ``(N, 1)``.
+
+    Args:
+      path: path to the ``.npz`` file.
+      name: identifier stored in ``Dataset.name``, e.g. ``"mnist"``.
+      num_classes: number of classes; if None, ``max label + 1``.
+
+    Returns:
+      A :class:`Dataset` with float32 ``(N, H, W, C)`` inputs and int32 ``(N,)`` labels.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist (the message says how to create it).
+      ValueError: a key is missing, shapes disagree, or labels are out of range.
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "tiny.npz")
+      >>> np.savez(path, x_train=np.zeros((4, 5, 5), np.uint8), y_train=np.array([0, 1, 2, 1]),
+      ...          x_test=np.zeros((2, 5, 5), np.uint8), y_test=np.array([2, 0]))
+      >>> ds = load_npz(path, name="tiny")
+      >>> ds.x_train.shape, ds.num_classes, ds.input_shape
+      ((4, 5, 5, 1), 3, (5, 5, 1))
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}. Fix: pass e.g. name='mnist'.")
+    arrays = _read_npz(Path(path), name)
+    x_train, x_test = _to_images(arrays["x_train"], "x_train"), _to_images(arrays["x_test"], "x_test")
+    y_train, y_test = _to_labels(arrays["y_train"], "y_train"), _to_labels(arrays["y_test"], "y_test")
+    check_same_length("x_train", x_train, "y_train", y_train)
+    check_same_length("x_test", x_test, "y_test", y_test)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"x_train and x_test in {path} must have the same image shape, got "
+            f"{x_train.shape[1:]} and {x_test.shape[1:]}. Fix: re-save the file with matching images."
+        )
+    num_classes = _resolve_num_classes(num_classes, y_train, y_test)
+    return Dataset(x_train, y_train, x_test, y_test, num_classes, name, x_train.shape[1:])
+
+
+def load_mnist(path: str | os.PathLike[str]) -> Dataset:
+    """Load MNIST from a local ``.npz`` file (no download).
+
+    The file must hold ``x_train`` ``(60000, 28, 28)`` uint8, ``y_train`` ``(60000,)``,
+    ``x_test`` ``(10000, 28, 28)`` uint8 and ``y_test`` ``(10000,)`` (any sample
+    counts are accepted). Create it once on a machine with network access, e.g.
+    ``(xtr, ytr), (xte, yte) = keras.datasets.mnist.load_data()`` then
+    ``numpy.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)``.
+
+    Args:
+      path: path to the ``.npz`` file.
+
+    Returns:
+      A :class:`Dataset` with ``x`` float32 ``(N, 28, 28, 1)`` in ``[0, 1]``,
+      ``y`` int32 in ``[0, 10)``, ``name="mnist"``.
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "mnist.npz")
+      >>> np.savez(path, x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.array([0, 9, 4]),
+      ...          x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.array([7]))
+      >>> load_mnist(path).x_train.shape
+      (3, 28, 28, 1)
+    """
+    return _load_fixed_shape(path, "mnist", (28, 28, 1), "(N, 28, 28) uint8")
+
+
+def load_cifar10(path: str | os.PathLike[str]) -> Dataset:
+    """Load CIFAR-10 from a local ``.npz`` file (no download).
+
+    The file must hold ``x_train`` ``(50000, 32, 32, 3)`` uint8, ``y_train``
+    ``(50000,)`` or ``(50000, 1)``, ``x_test`` ``(10000, 32, 32, 3)`` uint8 and
+    ``y_test`` likewise (any sample counts are accepted; channels-first
+    ``(N, 3, 32, 32)`` is transposed). Create it once on a machine with network
+    access, e.g. ``(xtr, ytr), (xte, yte) = keras.datasets.cifar10.load_data()`` then
+    ``numpy.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)``.
+
+    Args:
+      path: path to the ``.npz`` file.
+
+    Returns:
+      A :class:`Dataset` with ``x`` float32 ``(N, 32, 32, 3)`` in ``[0, 1]``,
+      ``y`` int32 in ``[0, 10)``, ``name="cifar10"``.
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "cifar10.npz")
+      >>> np.savez(path, x_train=np.zeros((2, 32, 32, 3), np.uint8), y_train=np.array([[1], [3]]),
+      ...          x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.array([[9]]))
+      >>> ds = load_cifar10(path)
+      >>> ds.x_train.shape, ds.y_train.tolist()
+      ((2, 32, 32, 3), [1, 3])
+    """
+    return _load_fixed_shape(path, "cifar10", (32, 32, 3), "(N, 32, 32, 3) uint8")
+
+
+def _load_fixed_shape(
+    path: str | os.PathLike[str], name: str, image_shape: tuple[int, ...], layout: str
+) -> Dataset:
+    ds = load_npz(path, name=name, num_classes=10)
+    if ds.input_shape != image_shape:
+        raise ValueError(
+            f"{name} images in {path} must be {layout} (loaded as {image_shape} "
+            f"channels-last), got per-image shape {ds.input_shape}. Fix: re-save "
+            f"x_train/x_test with layout {layout}, or use load_npz for other shapes."
+        )
+    return ds
+
+
+def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name} data file not found: expected an .npz file at {str(path)!r} with keys "
+            f"{list(NPZ_KEYS)}. Create it once on a machine with network access, e.g. "
+            f"numpy.savez({str(path)!r}, x_train=x_train, y_train=y_train, "
+            f"x_test=x_test, y_test=y_test) with images (N, H, W[, C]) uint8 and "
+            f"integer labels (N,), then copy it here."
+        )
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [key for key in NPZ_KEYS if key not in npz.files]
+        if missing:
+            raise ValueError(
+                f"{name} file {str(path)!r} must contain keys {list(NPZ_KEYS)}, missing "
+                f"{missing} (found {sorted(npz.files)}). Fix: re-save it with "
+                f"numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
+            )
+        return {key: npz[key] for key in NPZ_KEYS}
+
+
+def _to_images(x: np.ndarray, key: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    elif x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = np.transpose(x, (0, 2, 3, 1))
+    elif x.ndim != 4:
+        raise ValueError(
+            f"{key} must be images shaped (N, H, W) or (N, H, W, C), got shape {x.shape}. "
+            f"Fix: reshape the images before saving the .npz."
+        )
+    if np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.float32) / np.float32(255.0)
+    return x.astype(np.float32)
+
+
+def _to_labels(y: np.ndarray, key: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{key} must be integer labels shaped (N,) or (N, 1), got shape {y.shape} "
+            f"dtype {y.dtype}. Fix: save class indices (not one-hot) as integers."
+        )
+    return y.astype(np.int32)
+
+
+def _resolve_num_classes(num_classes: int | None, *labels: np.ndarray) -> int:
+    present = [y for y in labels if y.size]
+    low = min((int(y.min()) for y in present), default=0)
+    high = max((int(y.max()) for y in present), default=-1)
+    if low < 0:
+        raise ValueError(f"labels must be >= 0, got a minimum label of {low}. Fix: remap labels to 0..K-1.")
+    if num_classes is None:
+        return max(high + 1, 1)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    if high >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}), got a maximum label of "
+            f"{high}. Fix: pass num_classes={high + 1} or remap the labels."
+        )
+    return num_classes
