@@ -1,0 +1,97 @@
+"""Small helpers shared by the public API: keyword checking and argument validation.
+
+Every error raised here names the argument, what was expected, what was got and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import inspect
+from typing import Any, Callable, TypeVar
+
+import jax
+
+T = TypeVar("T")
+
+
+def _unknown_kwarg_error(owner: str, name: str, valid: list[str]) -> TypeError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return TypeError(
+        f"{owner} got an unexpected keyword argument `{name}`. "
+        f"Expected one of: {', '.join(valid)}.{hint}"
+    )
+
+
+def strict_kwargs(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap `fn` so that an unknown keyword argument raises a `TypeError` with a suggestion."""
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
+    owner = f"{fn.__qualname__.replace('.__init__', '')}()"
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not has_var_kw:
+            for name in kwargs:
+                if name not in params:
+                    raise _unknown_kwarg_error(owner, name, valid)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def frozen(cls: type[T]) -> type[T]:
+    """Make `cls` a frozen, hashable dataclass registered as a static pytree.
+
+    All fields are configuration (floats, ints, other frozen objects), so instances have no
+    array leaves: they can be passed through `jax.jit` and compared/hashed by value. Unknown
+    keyword arguments to the constructor give a helpful `TypeError`.
+    """
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    cls.__init__ = strict_kwargs(cls.__init__)  # type: ignore[method-assign]
+    jax.tree_util.register_static(cls)
+    return cls
+
+
+def check_nonneg(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(
+            f"{owner}: `{name}` must be a non-negative number, got {value!r}. "
+            f"Pass e.g. {name}=1e-6 (0 disables this part of the stopping test)."
+        )
+
+
+def check_positive_int(owner: str, name: str, value: Any, example: int = 10) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{owner}: `{name}` must be an integer >= 1, got {value!r}. Pass e.g. {name}={example}."
+        )
+
+
+def check_range(owner: str, name: str, value: Any, lo: float, hi: float, *, lo_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ValueError(
+            f"{owner}: `{name}` must lie in {bracket}{lo}, {hi}], got {value!r}. "
+            f"Pass a value in that range, e.g. {name}={hi}."
+        )
+
+
+def check_tolerances(obj: Any) -> None:
+    """Validate the shared `rtol`, `atol`, `max_steps` fields of a solver."""
+    owner = type(obj).__name__
+    check_nonneg(owner, "rtol", obj.rtol)
+    check_nonneg(owner, "atol", obj.atol)
+    if obj.rtol == 0 and obj.atol == 0:
+        raise ValueError(
+            f"{owner}: `rtol` and `atol` are both 0, so the solve could never stop early. "
+            "Set at least one of them above 0, e.g. atol=1e-6."
+        )
+    check_positive_int(owner, "max_steps", obj.max_steps, example=50)

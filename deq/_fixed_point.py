@@ -1,0 +1,154 @@
+"""`deq.fixed_point`: the one entry point for solving and differentiating `z* = f(z*, args)`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import _tree
+from ._api import strict_kwargs
+from ._solution import Solution, Stats
+from .backward import IFT, AbstractBackward
+from .backward._base import report
+from .solvers import GMRES, AbstractSolver, Anderson
+
+
+def _describe(tree) -> str:
+    leaves = jax.tree_util.tree_leaves(tree)
+    parts = [f"{jnp.dtype(l.dtype).name}{list(l.shape)}" for l in leaves]
+    return f"{jax.tree_util.tree_structure(tree)} with leaves {', '.join(parts)}"
+
+
+def _validate(f, z0, args, solver, backward, batch_axis, throw):
+    if not callable(f):
+        raise TypeError(f"fixed_point: `f` must be callable as f(z, args) -> z, got {type(f).__name__}.")
+    if isinstance(solver, GMRES):
+        raise TypeError(
+            "fixed_point: `solver` deq.GMRES solves linear systems and is only available for the "
+            "backward pass. Pass solver=deq.Anderson() (or Broyden / FixedPointIteration), and "
+            "backward=deq.IFT(solver=deq.GMRES()) for a GMRES adjoint."
+        )
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"fixed_point: `solver` must be a deq solver such as deq.Anderson(), got {solver!r}. "
+            "For a jaxopt solver, wrap it with deq.JaxoptSolver(...)."
+        )
+    if not isinstance(backward, AbstractBackward):
+        raise TypeError(
+            f"fixed_point: `backward` must be a deq backward strategy (deq.IFT(), deq.PhantomGrad(), "
+            f"deq.JFB() or deq.Unrolled()), got {backward!r}."
+        )
+    if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
+        raise ValueError(
+            f"fixed_point: `batch_axis` must be None (one problem) or 0 (leading axis indexes "
+            f"independent problems), got {batch_axis!r}. Move the batch axis to the front and pass 0."
+        )
+    if not isinstance(throw, bool):
+        raise TypeError(f"fixed_point: `throw` must be a bool, got {throw!r}.")
+    leaves = jax.tree_util.tree_leaves(z0)
+    if not leaves:
+        raise ValueError("fixed_point: `z0` has no array leaves. Pass the initial state, e.g. jnp.zeros(n).")
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"fixed_point: every leaf of `z0` must be floating point, got {_describe(z0)}. "
+                "Cast it, e.g. z0.astype(jnp.float32)."
+            )
+    if batch_axis == 0:
+        sizes = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in leaves}
+        if None in sizes or len(sizes) != 1:
+            raise ValueError(
+                f"fixed_point: with batch_axis=0 every leaf of `z0` needs the same leading (batch) "
+                f"size, got {_describe(z0)}. Give every leaf a leading batch axis, or pass batch_axis=None."
+            )
+    out = jax.eval_shape(f, z0, args)
+    want = jax.tree_util.tree_map(lambda l: jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l)), z0)
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(want) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(want))
+    ):
+        raise ValueError(
+            f"fixed_point: `f` must return a pytree shaped like `z0`: got {_describe(out)}, "
+            f"expected {_describe(want)}. Make f(z, args) return the same structure, shapes and "
+            "dtypes as z0 (cast with .astype if only the dtype differs)."
+        )
+
+
+def _impl(f, z0, args, solver, backward, batch_axis, throw):
+    _validate(f, z0, args, solver, backward, batch_axis, throw)
+    packer = _tree.make_packer(z0, batch_axis)
+    f_conv, consts = jax.closure_convert(f, z0, args)
+
+    def fn(x, params):
+        a, c = params
+        return packer.pack(f_conv(packer.unpack(x), a, *c))
+
+    x0 = packer.pack(z0)
+    x_star, out = backward.solve(fn, solver, x0, (args, consts), throw)
+    if throw:
+        report("the forward solve", out, throw=True, warn=False)
+    squeeze = (lambda a: a[0]) if batch_axis is None else (lambda a: a)
+    stats = Stats(
+        num_steps=squeeze(out.num_steps),
+        residual_norm=squeeze(out.residual),
+        converged=squeeze(out.converged),
+        result=squeeze(out.result),
+        residual_history=squeeze(out.history),
+    )
+    return Solution(value=packer.unpack(x_star), stats=stats)
+
+
+_impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6))
+
+
+@strict_kwargs
+def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False) -> Solution:
+    r"""Solve `z* = f(z*, args)` and differentiate `z*` with respect to `args`.
+
+    The forward pass runs `solver` from `z0` until `||f(z) - z|| <= atol + rtol ||f(z)||` (l2
+    over all leaves of a sample) or `max_steps`, and returns the lowest-residual finite iterate.
+    The backward pass is defined by `backward`: by default the implicit function theorem, whose
+    memory does not grow with the number of forward steps.
+
+    Args:
+      f: the cell, `f(z, args) -> z`; `z` and `args` are any pytrees, and `f` must return the
+        structure, shapes and dtypes of `z0`. Pass parameters through `args` (or close over
+        them inside a traced function): `f` is treated as static.
+      z0: the starting point, a pytree of floating arrays.
+      args: pytree of inputs and parameters; gradients flow to its floating leaves.
+      solver: forward solver (default `deq.Anderson()`).
+      backward: backward strategy (default `deq.IFT()`).
+      batch_axis: None (the whole state is one problem) or 0 (axis 0 of every leaf indexes
+        independent problems: per-sample stopping tests, solver coefficients and stats; `f`
+        must not mix samples).
+      throw: raise a `RuntimeError` from compiled code when the forward or the backward solve
+        does not converge (naming steps and residual). By default non-convergence is only
+        reported in `stats` (forward) and by a `deq.NonConvergenceWarning` (IFT backward).
+
+    Returns:
+      A `Solution` with `value` (shaped like `z0`) and `stats` (`num_steps`, `residual_norm`,
+      `converged`, `result`, `residual_history`), per sample when `batch_axis=0`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq
+      >>> f = lambda z, p: jnp.tanh(p["W"] @ z + p["x"])
+      >>> p = {"W": 0.5 * jnp.eye(3), "x": jnp.ones(3)}
+      >>> sol = deq.fixed_point(f, jnp.zeros(3), p)
+      >>> bool(sol.stats.converged), sol.value.shape
+      (True, (3,))
+      >>> jax.grad(lambda p: deq.fixed_point(f, jnp.zeros(3), p).value.sum())(p)["x"].shape
+      (3,)
+
+    References:
+      Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+    solver = Anderson() if solver is None else solver
+    backward = IFT() if backward is None else backward
+    z0 = jax.tree_util.tree_map(jnp.asarray, z0)
+    try:
+        hash(f)
+    except TypeError:
+        return _impl(f, z0, args, solver, backward, batch_axis, throw)
+    if isinstance(batch_axis, (list, dict)):
+        return _impl(f, z0, args, solver, backward, batch_axis, throw)
+    return _impl_jit(f, z0, args, solver, backward, batch_axis, throw)
