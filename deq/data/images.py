@@ -74,12 +74,14 @@ def load_npz(path: str | os.PathLike[str], *, name: str, num_classes: int | None
 
     Example:
       >>> import os, tempfile, numpy as np
-      >>> path = os.path.join(tempfile.mkdtemp(), "tiny.npz")
+      >>> tmp = tempfile.TemporaryDirectory()
+      >>> path = os.path.join(tmp.name, "tiny.npz")
       >>> np.savez(path, x_train=np.zeros((4, 5, 5), np.uint8), y_train=np.array([0, 1, 2, 1]),
       ...          x_test=np.zeros((2, 5, 5), np.uint8), y_test=np.array([2, 0]))
       >>> ds = load_npz(path, name="tiny")
       >>> ds.x_train.shape, ds.num_classes, ds.input_shape
       ((4, 5, 5, 1), 3, (5, 5, 1))
+      >>> tmp.cleanup()
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}. Fix: pass e.g. name='mnist'.")
@@ -115,11 +117,13 @@ def load_mnist(path: str | os.PathLike[str]) -> Dataset:
 
     Example:
       >>> import os, tempfile, numpy as np
-      >>> path = os.path.join(tempfile.mkdtemp(), "mnist.npz")
+      >>> tmp = tempfile.TemporaryDirectory()
+      >>> path = os.path.join(tmp.name, "mnist.npz")
       >>> np.savez(path, x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.array([0, 9, 4]),
       ...          x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.array([7]))
       >>> load_mnist(path).x_train.shape
       (3, 28, 28, 1)
+      >>> tmp.cleanup()
     """
     return _load_fixed_shape(path, "mnist", (28, 28, 1), "(N, 28, 28) uint8")
 
@@ -143,12 +147,14 @@ def load_cifar10(path: str | os.PathLike[str]) -> Dataset:
 
     Example:
       >>> import os, tempfile, numpy as np
-      >>> path = os.path.join(tempfile.mkdtemp(), "cifar10.npz")
+      >>> tmp = tempfile.TemporaryDirectory()
+      >>> path = os.path.join(tmp.name, "cifar10.npz")
       >>> np.savez(path, x_train=np.zeros((2, 32, 32, 3), np.uint8), y_train=np.array([[1], [3]]),
       ...          x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.array([[9]]))
       >>> ds = load_cifar10(path)
       >>> ds.x_train.shape, ds.y_train.tolist()
       ((2, 32, 32, 3), [1, 3])
+      >>> tmp.cleanup()
     """
     return _load_fixed_shape(path, "cifar10", (32, 32, 3), "(N, 32, 32, 3) uint8")
 
