@@ -89,7 +89,9 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
             k=k,
             x=where_rows(upd, x_new, c.x),
             fx=where_rows(upd, fx_new, c.fx),
-            state=where_rows(upd, state_new, c.state),
+            # Rows never restart once inactive, so their solver state need not be frozen
+            # (saving a copy of the whole history per step); x, fx and best are.
+            state=state_new,
             best_x=where_rows(better, x_new, c.best_x),
             best_fx=where_rows(better, fx_new, c.best_fx),
             best_res=jnp.where(better, res, c.best_res),

@@ -97,17 +97,20 @@ class Anderson(AbstractSolver):
         F_hist, G_hist, gram, count = state
         beta = self.damping
         alpha, ok = self.mix(state)
-        x_aa = jnp.einsum("bm,bmn->bn", alpha, F_hist - (1.0 - beta) * G_hist)
+        x_aa = jnp.einsum("bm,bmn->bn", alpha, F_hist)
+        if beta != 1.0:
+            x_aa = x_aa - (1.0 - beta) * jnp.einsum("bm,bmn->bn", alpha, G_hist)
         x_fp = x + beta * (fx - x)
         x_new = jnp.where((ok & active)[:, None], x_aa, jnp.where(active[:, None], x_fp, x))
         fx_new = F(x_new)
         g_new = fx_new - x_new
         # Insert the new point; a failed safeguard restarts the history from it.
         pos = jnp.where(ok, count % self.history_size, 0)
-        hot = jnp.arange(self.history_size)[None, :] == pos[:, None]
-        F_hist = jnp.where(hot[:, :, None], fx_new[:, None, :], F_hist)
-        G_hist = jnp.where(hot[:, :, None], g_new[:, None, :], G_hist)
+        rows = jnp.arange(x.shape[0])
+        F_hist = F_hist.at[rows, pos].set(fx_new)
+        G_hist = G_hist.at[rows, pos].set(g_new)
         dots = jnp.einsum("bmn,bn->bm", G_hist, g_new)
+        hot = jnp.arange(self.history_size)[None, :] == pos[:, None]
         gram = jnp.where(hot[:, :, None], dots[:, None, :], gram)
         gram = jnp.where(hot[:, None, :], dots[:, :, None], gram)
         count = jnp.where(ok, count + 1, 1)

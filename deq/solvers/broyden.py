@@ -129,7 +129,9 @@ class Broyden(AbstractSolver):
         scale = row_norm(dx) * row_norm(dg)
         ok = jnp.isfinite(denom) & (jnp.abs(denom) > 1e-12 * scale) & (scale > 0)
         u = (dx - Hdg) / jnp.where(ok, denom, 1.0)[:, None]
-        hot = (jnp.arange(self.history_size)[None, :] == (count % self.history_size)[:, None]) & ok[:, None]
-        U = jnp.where(hot[:, :, None], u[:, None, :], U)
-        V = jnp.where(hot[:, :, None], vT[:, None, :], V)
+        # Rows whose update is skipped scatter out of bounds, which `mode="drop"` ignores.
+        pos = jnp.where(ok, count % self.history_size, self.history_size)
+        rows = jnp.arange(x.shape[0])
+        U = U.at[rows, pos].set(u, mode="drop")
+        V = V.at[rows, pos].set(vT, mode="drop")
         return x_new, fx_new, (U, V, count + ok.astype(jnp.int32))
