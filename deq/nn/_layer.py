@@ -1,0 +1,429 @@
+"""`deq.nn.DEQ`: a deep equilibrium layer for Flax NNX.
+
+The layer solves `z* = cell(z*, x)` with `deq.fixed_point`. The cell's variables are split off
+(`graphdef, state = nnx.split(cell)`) and passed to the solver as explicit arguments, so the
+backward strategy (implicit differentiation by default) sends gradients to the cell's
+parameters, and `nnx.grad`, `nnx.jit` and plain `jax.jit` on split state all work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .._api import strict_kwargs
+from .._fixed_point import fixed_point
+from .._solution import Solution
+from ..backward import IFT, AbstractBackward
+from ..solvers import GMRES, AbstractSolver, Anderson
+
+__all__ = ["DEQ", "SolverConstant", "solution_info"]
+
+
+class SolverConstant(nnx.Variable):
+    """A non-trainable variable that a DEQ cell reads, but never writes, during the solve.
+
+    A `deq.nn.DEQ` refuses cells holding variables that change while a cell is evaluated
+    (`nnx.BatchStat`, `nnx.Rngs` streams, `nnx.Cache`, `nnx.Intermediate`): the solver calls the
+    cell many times per forward pass, so such state would make `z*` the fixed point of a
+    different function at every step. `nnx.Param` and `SolverConstant` (and their subclasses)
+    are allowed.
+
+    Use `SolverConstant` (or a subclass) for buffers that are constant during one solve but may
+    change between forward passes, such as the power-iteration vector `u` of spectral
+    normalization. Update them *outside* the solve, in the cell's optional
+    `before_solve(self, x)` method, which `DEQ` calls once per forward pass with the real
+    (mutable) module before solving; writes made inside `__call__` during the solve raise a
+    `ValueError`. `nnx.grad` does not differentiate them (it differentiates `nnx.Param` by
+    default), and `nnx.jit` carries their updates out like any other state.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq
+      >>> u = deq.nn.SolverConstant(jnp.ones(3))
+      >>> isinstance(u, nnx.Variable), isinstance(u, nnx.Param)
+      (True, False)
+    """
+
+
+_ADVICE_BATCHSTAT = (
+    "Batch statistics would be recomputed (and the running averages updated) at every solver "
+    "step, so there is no single function to find the fixed point of. Use nnx.LayerNorm or "
+    "nnx.GroupNorm inside the cell, or put nnx.BatchNorm before or after the DEQ layer."
+)
+_ADVICE_RNG = (
+    "Random draws inside the cell (e.g. nnx.Dropout with nnx.Rngs) would give a different mask "
+    "at every solver step. Draw the dropout mask once per forward pass outside the solve and "
+    "pass it in x (e.g. x = (features, mask), applied inside the cell as features * mask), or "
+    "put nnx.Dropout before or after the DEQ layer; do not store nnx.Rngs in the cell."
+)
+_ADVICE_CACHE = (
+    "Caches and intermediates written during the call (nnx.Cache, nnx.Intermediate, sow) are "
+    "discarded by the solver. Return what you need from the cell's state, or compute it from "
+    "the fixed point after the DEQ layer."
+)
+_ADVICE_OTHER = (
+    "Only nnx.Param (trainable) and deq.nn.SolverConstant (read-only during the solve) variables "
+    "are allowed. Declare a non-trainable constant as deq.nn.SolverConstant and update it, if "
+    "needed, in the cell's before_solve(x) method."
+)
+
+
+def _advice(var_type: type) -> str:
+    if issubclass(var_type, nnx.BatchStat):
+        return _ADVICE_BATCHSTAT
+    if issubclass(var_type, nnx.RngState):
+        return _ADVICE_RNG
+    if issubclass(var_type, (nnx.Cache, nnx.Intermediate)):
+        return _ADVICE_CACHE
+    return _ADVICE_OTHER
+
+
+def _path_str(path) -> str:
+    return ".".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+
+
+def check_cell(cell: nnx.Module, owner: str = "DEQ") -> None:
+    """Raise a `ValueError` if `cell` holds variables other than `nnx.Param`/`SolverConstant`.
+
+    Args:
+      cell: the candidate DEQ cell.
+      owner: name used in the error message.
+
+    Raises:
+      ValueError: naming the offending variables, their type, and what to use instead.
+    """
+    allowed = (nnx.Param, SolverConstant)
+    bad: dict[type, list[str]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(cell)):
+        t = type(var)
+        if not issubclass(t, allowed):
+            bad.setdefault(t, []).append(".".join(str(p) for p in path))
+    if not bad:
+        return
+    lines = [
+        f"{owner}: the cell {type(cell).__name__} holds mutable state that the fixed-point solver "
+        "would need to update while it evaluates the cell many times per forward pass:"
+    ]
+    advice: list[str] = []
+    for t, paths in bad.items():
+        shown = ", ".join(paths[:4]) + (", ..." if len(paths) > 4 else "")
+        lines.append(f"  - nnx.{t.__name__} at {shown}")
+        a = _advice(t)
+        if a not in advice:
+            advice.append(a)
+    raise ValueError("\n".join(lines + advice))
+
+
+class _CellStateError(ValueError):
+    """A refusal raised from inside the solve; never rewrapped."""
+
+
+class _CellMap:
+    """`f(z, (state, x)) = merge(graphdef, state)(z, x)`, hashable by `graphdef`.
+
+    Hashability lets `deq.fixed_point` reuse its compiled solve across eager calls with the
+    same cell structure. Each evaluation merges a fresh module and checks that the cell did not
+    write to any of its variables.
+    """
+
+    __slots__ = ("graphdef", "__weakref__")
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def __hash__(self):
+        return hash((_CellMap, self.graphdef))
+
+    def __eq__(self, other):
+        return type(other) is _CellMap and self.graphdef == other.graphdef
+
+    def __call__(self, z, args):
+        state, x = args
+        before = jax.tree_util.tree_flatten_with_path(state)
+        cell = nnx.merge(self.graphdef, state)
+        out = cell(z, x)
+        after = jax.tree_util.tree_flatten_with_path(nnx.state(cell))
+        if after[1] != before[1]:
+            raise _CellStateError(
+                f"DEQ: the cell {type(cell).__name__} added or removed variables while being "
+                f"evaluated inside the solve. {_ADVICE_OTHER}"
+            )
+        changed = [_path_str(p) for (p, a), (_, b) in zip(before[0], after[0]) if a is not b]
+        if changed:
+            raise _CellStateError(
+                f"DEQ: the cell {type(cell).__name__} wrote to its variables "
+                f"{', '.join(changed)} while being evaluated inside the solve; the solver calls "
+                "the cell many times per forward pass and discards such writes. Variables must be "
+                "read-only inside __call__: update deq.nn.SolverConstant buffers in the cell's "
+                "before_solve(x) method, which DEQ calls once per forward pass outside the solve."
+            )
+        return out
+
+
+def _check_solver(name: str, solver: Any, allow_none: bool) -> None:
+    if solver is None and allow_none:
+        return
+    if isinstance(solver, GMRES) or not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"DEQ: `{name}` must be a forward fixed-point solver such as deq.Anderson(), "
+            f"deq.Broyden() or deq.FixedPointIteration(), got {solver!r}."
+        )
+
+
+def _float_dtype(a) -> Any:
+    dt = jnp.result_type(a)
+    return dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
+
+
+def _describe(tree) -> str:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return ", ".join(f"{jnp.dtype(jnp.result_type(l)).name}{list(jnp.shape(l))}" for l in leaves)
+
+
+def default_initial_state(cell, x):
+    """The initial state when none is given: `cell.init_state(x)` if defined, else zeros like `x`.
+
+    Returns `(z0, guessed)` where `guessed` says the zeros-like-`x` fallback was used.
+    """
+    init_state = getattr(cell, "init_state", None)
+    if callable(init_state):
+        return init_state(x), False
+    z0 = jax.tree_util.tree_map(lambda a: jnp.zeros(jnp.shape(a), _float_dtype(a)), x)
+    return z0, True
+
+
+def _state_mismatch(f, z0, args) -> bool:
+    """Whether `f(z0, args)` fails or returns something not shaped like `z0`."""
+    try:
+        out = jax.eval_shape(f, z0, args)
+    except _CellStateError:
+        return False
+    except Exception:  # noqa: BLE001 - any failure of the cell at the guessed state counts
+        return True
+    same_tree = jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(z0)
+    shapes_out = [l.shape for l in jax.tree_util.tree_leaves(out)]
+    shapes_z0 = [jnp.shape(l) for l in jax.tree_util.tree_leaves(z0)]
+    return not same_tree or shapes_out != shapes_z0
+
+
+def solve_with_hints(f, z0, args, *, guessed, **kwargs) -> Solution:
+    """`deq.fixed_point` with DEQ-specific hints added to errors caused by the initial state."""
+    try:
+        return fixed_point(f, z0, args, **kwargs)
+    except _CellStateError:
+        raise
+    except (ValueError, TypeError) as e:
+        if guessed and _state_mismatch(f, z0, args):
+            raise ValueError(
+                f"DEQ: solving from the default initial state failed. The cell has no "
+                f"init_state(x) method, so DEQ assumed the state has the same shape as the input "
+                f"x and started from zeros shaped like x ({_describe(z0)}), but the cell does not "
+                f"map that to a state of the same shape. Define cell.init_state(x) returning the "
+                f"initial state (e.g. zeros of shape (batch, hidden)), or pass z0 to the layer."
+                f"\nOriginal error: {e}"
+            ) from e
+        if not guessed and "shaped like `z0`" in str(e):
+            raise ValueError(
+                f"DEQ: the given z0 ({_describe(z0)}) does not match the cell's state. Pass z0 "
+                f"shaped like the cell's output (cell.init_state(x) returns one, if defined), "
+                f"or omit z0.\nOriginal error: {e}"
+            ) from e
+        raise
+
+
+def solution_info(sol: Solution) -> dict:
+    """Summarise a solve as batch means, for models that return `(output, info)`.
+
+    Args:
+      sol: a `deq.Solution`, e.g. from `layer(x, return_solution=True)`.
+
+    Returns:
+      A dict of scalar arrays: `forward_steps` (mean of `stats.num_steps`), `residual` (mean of
+      `stats.residual_norm`) and `converged_frac` (fraction of samples with `stats.converged`).
+      Works under `jax.jit`; the values carry no gradient.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq
+      >>> class Cell(nnx.Module):
+      ...     def __init__(self, n, rngs):
+      ...         self.lin = nnx.Linear(n, n, rngs=rngs)
+      ...     def __call__(self, z, x):
+      ...         return jnp.tanh(0.5 * self.lin(z) + x)
+      >>> layer = deq.nn.DEQ(Cell(4, nnx.Rngs(0)))
+      >>> info = deq.nn.solution_info(layer(jnp.ones((2, 4)), return_solution=True))
+      >>> sorted(info), float(info["converged_frac"])
+      (['converged_frac', 'forward_steps', 'residual'], 1.0)
+    """
+    s = jax.lax.stop_gradient(sol.stats)
+    return {
+        "forward_steps": jnp.mean(jnp.asarray(s.num_steps).astype(jnp.result_type(float))),
+        "residual": jnp.mean(s.residual_norm),
+        "converged_frac": jnp.mean(jnp.asarray(s.converged).astype(jnp.result_type(float))),
+    }
+
+
+class DEQ(nnx.Module):
+    r"""A deep equilibrium layer (Bai et al. 2019): returns `z*` with `z* = cell(z*, x)`.
+
+    The forward pass finds the fixed point with `solver` (Anderson acceleration by default);
+    the backward pass follows `backward` (implicit differentiation by default, whose memory does
+    not grow with the number of solver steps). Gradients reach the cell's `nnx.Param`\ s: the
+    layer splits the cell (`graphdef, state = nnx.split(cell)`) and solves
+    `z = merge(graphdef, state)(z, x)` with `(state, x)` as the explicit arguments of
+    `deq.fixed_point`.
+
+    **The cell.** Any `nnx.Module` whose `__call__(z, x)` returns a state shaped like `z` (a
+    pytree, with the batch on axis 0 when `batch_axis=0`; the cell must not mix samples). It
+    may hold only `nnx.Param` and `deq.nn.SolverConstant` variables, read-only during the solve;
+    cells with `nnx.BatchNorm`, `nnx.Dropout`/`nnx.Rngs`, `nnx.Cache` or intermediates are
+    refused with a `ValueError` (at construction and at each call) saying what to use instead
+    (`nnx.LayerNorm`/`nnx.GroupNorm`; a dropout mask drawn once per forward pass outside the
+    solve and passed in `x`). Two optional methods are used if the cell defines them:
+
+    - `init_state(x) -> z0`: the initial state for input `x` (e.g. zeros of shape
+      `(batch, hidden)`). Without it, when `z0` is not given, the layer assumes the state has
+      the same shape as `x` (input injection already projected to the state's shape) and
+      starts from zeros shaped like `x`; if that guess is wrong the error says to define
+      `init_state` or pass `z0`.
+    - `before_solve(x)`: called once per forward pass on the real module before solving;
+      the place to update `SolverConstant` buffers (e.g. a spectral-norm power iteration).
+
+    **Training and evaluation.** `layer.eval()` (or `model.eval()` on a model containing it, or
+    `nnx.view(model, deterministic=True)`) sets `deterministic=True`, and the layer then solves
+    with `eval_solver` (when given) instead of `solver`; `layer.train()` switches back. A
+    `solver=` argument to the call overrides both. Warm-start a solve by passing the previous
+    fixed point as `z0`.
+
+    Args:
+      cell: the `nnx.Module` `f` with `f(z, x) -> z`.
+      solver: forward solver for training mode (default `deq.Anderson()`).
+      backward: backward strategy (default `deq.IFT()`; also `deq.PhantomGrad()`, `deq.JFB()`,
+        `deq.Unrolled()`).
+      batch_axis: 0 (axis 0 of `x` and of every state leaf indexes independent samples, each
+        with its own stopping test and stats) or None (the whole state is one problem).
+      eval_solver: forward solver used when `deterministic` is True (eval mode); None uses
+        `solver`.
+      throw: raise a `RuntimeError` from compiled code when a solve does not converge.
+
+    Call Args:
+      x: the input (any pytree), passed to the cell unchanged at every step.
+      z0: initial state (warm start); None builds one as described above.
+      return_solution: return the whole `deq.Solution` (`.value`, `.stats`) instead of `z*`.
+      solver: per-call solver override.
+
+    Returns:
+      `z*` shaped like the state, or a `deq.Solution` when `return_solution=True` (stats per
+      sample, shape `(B,)`, when `batch_axis=0`; see `deq.nn.solution_info` for batch means).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq
+      >>> class Cell(nnx.Module):
+      ...     def __init__(self, dim, hidden, rngs):
+      ...         self.W = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
+      ...         self.U = nnx.Linear(dim, hidden, rngs=rngs)
+      ...     def init_state(self, x):
+      ...         return jnp.zeros((x.shape[0], self.W.in_features), x.dtype)
+      ...     def __call__(self, z, x):
+      ...         return jnp.tanh(0.5 * self.W(z) + self.U(x))
+      >>> layer = deq.nn.DEQ(Cell(3, 8, nnx.Rngs(0)), eval_solver=deq.Anderson(max_steps=10))
+      >>> x = jnp.ones((5, 3))
+      >>> layer(x).shape
+      (5, 8)
+      >>> sol = nnx.jit(lambda m, x: m(x, return_solution=True))(layer, x)
+      >>> sol.value.shape, sol.stats.num_steps.shape, bool(sol.stats.converged.all())
+      ((5, 8), (5,), True)
+      >>> grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+      >>> grads["cell"]["W"]["kernel"].shape
+      (8, 8)
+      >>> layer.eval(); layer.deterministic
+      True
+
+    References:
+      Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+
+    @strict_kwargs
+    def __init__(
+        self,
+        cell: nnx.Module,
+        *,
+        solver: Optional[AbstractSolver] = None,
+        backward: Optional[AbstractBackward] = None,
+        batch_axis: Optional[int] = 0,
+        eval_solver: Optional[AbstractSolver] = None,
+        throw: bool = False,
+    ):
+        if not isinstance(cell, nnx.Module) or not callable(cell):
+            raise TypeError(
+                f"DEQ: `cell` must be an nnx.Module with __call__(z, x) -> z, got "
+                f"{type(cell).__name__}. For a Linen cell use deq.linen.DEQ; for a plain function "
+                "use deq.fixed_point."
+            )
+        solver = Anderson() if solver is None else solver
+        backward = IFT() if backward is None else backward
+        _check_solver("solver", solver, allow_none=False)
+        _check_solver("eval_solver", eval_solver, allow_none=True)
+        if not isinstance(backward, AbstractBackward):
+            raise TypeError(
+                f"DEQ: `backward` must be a deq backward strategy (deq.IFT(), deq.PhantomGrad(), "
+                f"deq.JFB() or deq.Unrolled()), got {backward!r}."
+            )
+        if isinstance(batch_axis, bool) or batch_axis not in (None, 0):
+            raise ValueError(
+                f"DEQ: `batch_axis` must be 0 (leading axis indexes samples) or None (one "
+                f"problem), got {batch_axis!r}."
+            )
+        if not isinstance(throw, bool):
+            raise TypeError(f"DEQ: `throw` must be a bool, got {throw!r}.")
+        check_cell(cell)
+        self.cell = cell
+        self.solver = solver
+        self.backward = backward
+        self.batch_axis = batch_axis
+        self.eval_solver = eval_solver
+        self.throw = throw
+        self.deterministic = False
+
+    def set_view(self, deterministic: Optional[bool] = None):
+        """Used by `nnx.view`.
+
+        Args:
+          deterministic: if True, solve with `eval_solver` (evaluation mode).
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def active_solver(self, solver: Optional[AbstractSolver] = None) -> AbstractSolver:
+        """The solver a call uses: `solver` if given, else `eval_solver` in eval mode, else `solver`."""
+        if solver is not None:
+            _check_solver("solver", solver, allow_none=False)
+            return solver
+        if self.deterministic and self.eval_solver is not None:
+            return self.eval_solver
+        return self.solver
+
+    @strict_kwargs
+    def __call__(self, x, z0=None, *, return_solution: bool = False, solver: Optional[AbstractSolver] = None):
+        solver = self.active_solver(solver)
+        before_solve = getattr(self.cell, "before_solve", None)
+        if callable(before_solve):
+            before_solve(x)
+        check_cell(self.cell)
+        guessed = False
+        if z0 is None:
+            z0, guessed = default_initial_state(self.cell, x)
+        graphdef, state = nnx.split(self.cell)
+        sol = solve_with_hints(
+            _CellMap(graphdef), z0, (state, x), guessed=guessed, solver=solver,
+            backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
+        )
+        return sol if return_solution else sol.value
