@@ -27,9 +27,20 @@ class Anderson(AbstractSolver):
     absolute ridge is what slows jaxopt's and torchdeq's defaults near convergence). Each
     sample of a batch has its own weights.
 
-    Safeguard (inside the compiled loop): when the weights are non-finite or larger than
-    `max_coefficient` in magnitude (a singular or ill-conditioned system), the step falls back to
-    a damped fixed-point step `z + beta (f(z) - z)` and the history restarts from there.
+    Safeguards, all inside the compiled loop and per sample:
+
+    1. Singular or ill-conditioned least squares: when the weights are non-finite or larger
+       than `max_coefficient` in magnitude, the step falls back to a damped fixed-point step
+       `z + beta (f(z) - z)` and the history restarts from that new point.
+    2. Growing residual: when a new residual exceeds `growth_limit` times the lowest residual
+       this solver has seen, the history restarts from the lowest-residual point, so the next
+       step is a damped fixed-point step from there.
+    3. Stagnation: when the lowest residual has not dropped by 1% for `patience` consecutive
+       steps, the history likewise restarts from the lowest-residual point (`patience=0` turns
+       this off).
+
+    Restarts drop stale, nearly collinear history that makes the mixing useless; they never
+    make a step worse than damped iteration from the best point found.
 
     Args:
       rtol: relative tolerance of the stopping test `||f(z) - z|| <= atol + rtol ||f(z)||`.
@@ -39,6 +50,8 @@ class Anderson(AbstractSolver):
       damping: `beta` in `(0, 1]`, the mixing parameter.
       ridge: `lambda >= 0`, Tikhonov regularization relative to the largest Gram diagonal.
       max_coefficient: safeguard threshold on `max_i |alpha_i|`.
+      growth_limit: restart when the residual grows past this multiple of the best one.
+      patience: restart after this many steps without a 1% improvement (0: never).
 
     Example:
       >>> import jax.numpy as jnp, deq
@@ -59,6 +72,8 @@ class Anderson(AbstractSolver):
     damping: float = 1.0
     ridge: float = 1e-8
     max_coefficient: float = 1e4
+    growth_limit: float = 1e2
+    patience: int = 30
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -67,6 +82,9 @@ class Anderson(AbstractSolver):
         check_range(owner, "damping", self.damping, 0.0, 1.0)
         check_nonneg(owner, "ridge", self.ridge)
         check_range(owner, "max_coefficient", self.max_coefficient, 1.0, float("inf"), lo_open=False)
+        check_range(owner, "growth_limit", self.growth_limit, 1.0, float("inf"), lo_open=False)
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"{owner}: `patience` must be an integer >= 0, got {self.patience!r}. Pass e.g. patience=30 (0 disables).")
 
     def init(self, F, x, fx):
         B, n = x.shape
@@ -74,12 +92,14 @@ class Anderson(AbstractSolver):
         g = fx - x
         F_hist = jnp.zeros((B, m, n), x.dtype).at[:, 0].set(fx)
         G_hist = jnp.zeros((B, m, n), x.dtype).at[:, 0].set(g)
-        gram = jnp.zeros((B, m, m), x.dtype).at[:, 0, 0].set(jnp.sum(g * g, axis=1))
-        return (F_hist, G_hist, gram, jnp.ones((B,), jnp.int32))
+        gg = jnp.sum(g * g, axis=1)
+        gram = jnp.zeros((B, m, m), x.dtype).at[:, 0, 0].set(gg)
+        best = (x, fx, jnp.where(jnp.isfinite(gg), jnp.sqrt(gg), jnp.inf), jnp.zeros((B,), jnp.int32))
+        return (F_hist, G_hist, gram, jnp.ones((B,), jnp.int32), best)
 
     def mix(self, state):
         """The weights `alpha` (B, m) and whether they passed the safeguard (B,)."""
-        _, _, gram, count = state
+        _, _, gram, count, _ = state
         m = self.history_size
         valid = jnp.arange(m)[None, :] < jnp.minimum(count, m)[:, None]
         both = valid[:, :, None] & valid[:, None, :]
@@ -94,7 +114,7 @@ class Anderson(AbstractSolver):
         return jnp.where(ok[:, None], alpha, 0.0), ok
 
     def step(self, F, x, fx, state, active):
-        F_hist, G_hist, gram, count = state
+        F_hist, G_hist, gram, count, (best_x, best_fx, best_r, stale) = state
         beta = self.damping
         alpha, ok = self.mix(state)
         x_aa = jnp.einsum("bm,bmn->bn", alpha, F_hist)
@@ -104,14 +124,31 @@ class Anderson(AbstractSolver):
         x_new = jnp.where((ok & active)[:, None], x_aa, jnp.where(active[:, None], x_fp, x))
         fx_new = F(x_new)
         g_new = fx_new - x_new
+        r_new = jnp.sqrt(jnp.sum(g_new * g_new, axis=1))
+        r_new = jnp.where(jnp.isfinite(r_new), r_new, jnp.inf)
+        # Track the lowest residual; restart from it on growth or stagnation.
+        improved = r_new < 0.99 * best_r
+        better = r_new < best_r
+        best_x = jnp.where(better[:, None], x_new, best_x)
+        best_fx = jnp.where(better[:, None], fx_new, best_fx)
+        best_r = jnp.where(better, r_new, best_r)
+        stale = jnp.where(improved, 0, stale + 1)
+        back = r_new > self.growth_limit * best_r
+        if self.patience > 0:
+            back = back | (stale >= self.patience)
+        stale = jnp.where(back, 0, stale)
+        x_ins = jnp.where(back[:, None], best_x, x_new)
+        fx_ins = jnp.where(back[:, None], best_fx, fx_new)
+        g_ins = fx_ins - x_ins
         # Insert the new point; a failed safeguard restarts the history from it.
-        pos = jnp.where(ok, count % self.history_size, 0)
+        restart = ~ok | back
+        pos = jnp.where(restart, 0, count % self.history_size)
         rows = jnp.arange(x.shape[0])
-        F_hist = F_hist.at[rows, pos].set(fx_new)
-        G_hist = G_hist.at[rows, pos].set(g_new)
-        dots = jnp.einsum("bmn,bn->bm", G_hist, g_new)
+        F_hist = F_hist.at[rows, pos].set(fx_ins)
+        G_hist = G_hist.at[rows, pos].set(g_ins)
+        dots = jnp.einsum("bmn,bn->bm", G_hist, g_ins)
         hot = jnp.arange(self.history_size)[None, :] == pos[:, None]
         gram = jnp.where(hot[:, :, None], dots[:, None, :], gram)
         gram = jnp.where(hot[:, None, :], dots[:, :, None], gram)
-        count = jnp.where(ok, count + 1, 1)
-        return x_new, fx_new, (F_hist, G_hist, gram, count)
+        count = jnp.where(restart, 1, count + 1)
+        return x_new, fx_new, (F_hist, G_hist, gram, count, (best_x, best_fx, best_r, stale))
