@@ -1,0 +1,1079 @@
+"""Training loop for classifiers (DEQ or explicit): optimizer, jitted steps, `fit`, evaluation.
+
+The model contract: any `flax.nnx.Module` with `model(x) -> (logits, info)`, where `logits` is
+`(..., num_classes)`, integer targets are shaped like `logits[..., 0]`, and `info` is a dict of
+scalar diagnostics (for DEQs `forward_steps`, `residual`, `converged_frac`; `{}` for explicit
+nets). `model.eval()` / `model.train()` switch modes; evaluation always runs in eval mode.
+
+The pieces are small and stateless: `make_optimizer` builds the optax chain, `train_step` and
+`eval_step` are `nnx.jit`-compiled, `batch_stream` gives the data order as a pure function of
+`(seed, epoch)`, and `fit` glues them together, returning a `History` (statistics are returned,
+never printed). `fit` writes JSON lines / TensorBoard logs and orbax checkpoints when asked, and
+resumes a killed run exactly from its last checkpoint. The same code runs data-parallel over all
+devices: the batch is sharded on a `"data"` mesh axis and parameters are replicated.
+
+What is recorded per training step: `loss` (cross-entropy), `accuracy`, `grad_norm`, `lr`,
+`step_time` (wall seconds, after `block_until_ready`; the first step of a `fit` call includes
+compilation), `aux_loss` when an extra loss is active, and every entry of the model's `info`
+(forward solver steps, final residual, ...). Backward (adjoint) solver statistics are recorded
+only if the model puts them in `info` (e.g. as `backward_steps`): the core's implicit-function
+backward runs inside a custom VJP and returns no statistics, so there is nothing else to record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import numbers
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deq.data import iterate_batches, num_batches
+
+__all__ = [
+    "History",
+    "TrainConfig",
+    "batch_stream",
+    "cross_entropy",
+    "epoch_seed",
+    "eval_step",
+    "evaluate",
+    "fit",
+    "make_mesh",
+    "make_optimizer",
+    "make_schedule",
+    "replicate",
+    "restore_checkpoint",
+    "shard_batch",
+    "total_steps_for",
+    "train_step",
+]
+
+_FORMAT_VERSION = 1
+# Config fields that change the trajectory: a resumed run must use the same values.
+_TRAJECTORY_FIELDS = (
+    "learning_rate", "weight_decay", "warmup_steps", "total_steps", "epochs", "clip_norm",
+    "batch_size", "seed", "jacobian_reg",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Hyper-parameters and I/O settings of a training run (immutable).
+
+    Exactly one of `total_steps` and `epochs` must be given.
+
+    Args:
+      learning_rate: peak learning rate of the warm-up + cosine-decay schedule (> 0).
+      weight_decay: decoupled weight decay; AdamW when > 0, Adam when 0.
+      warmup_steps: linear warm-up steps from 0 to `learning_rate` (< the total steps).
+      total_steps: number of optimizer steps, or None to use `epochs`.
+      epochs: number of passes over the training set (incomplete last batches are dropped),
+        or None to use `total_steps`.
+      clip_norm: clip gradients to this global norm (`optax.clip_by_global_norm`); None = off.
+      batch_size: training batch size; must be divisible by the number of devices.
+      eval_batch_size: evaluation batch size (None = `batch_size`); divisible by the devices.
+      eval_every: evaluate on the test split every this many steps (0 = only at the end; the
+        end of the run is always evaluated).
+      seed: non-negative integer; the data order is a pure function of `(seed, epoch)` and the
+        key given to `aux_loss_fn` at step `s` is `fold_in(key(seed), s)`.
+      jacobian_reg: weight of the extra loss `aux_loss_fn(model, x, key)` passed to `fit`
+        (e.g. a Jacobian Frobenius-norm estimate); 0 turns it off.
+      log_dir: directory for `metrics.jsonl` (one JSON record per step and per evaluation)
+        and TensorBoard files; None = no files.
+      checkpoint_dir: directory of orbax checkpoints; `fit` resumes from the latest one found
+        there. None = no checkpoints.
+      checkpoint_every: save a checkpoint every this many steps (and at the end of the run).
+      max_checkpoints: how many recent checkpoints to keep.
+      progress: show a tqdm progress bar (only when stderr is a terminal).
+      tensorboard: also write TensorBoard event files to `log_dir` (needs `tensorboardX`).
+
+    Example:
+      >>> from deq.train import TrainConfig
+      >>> cfg = TrainConfig(learning_rate=1e-3, total_steps=100, batch_size=32)
+      >>> cfg.weight_decay, cfg.clip_norm
+      (0.0, 1.0)
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    epochs: int | None = None
+    clip_norm: float | None = 1.0
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    eval_every: int = 0
+    seed: int = 0
+    jacobian_reg: float = 0.0
+    log_dir: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1000
+    max_checkpoints: int = 3
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _check_number("learning_rate", self.learning_rate, minimum=0.0, strict=True)
+        _check_number("weight_decay", self.weight_decay, minimum=0.0)
+        _check_number("jacobian_reg", self.jacobian_reg, minimum=0.0)
+        _check_int("warmup_steps", self.warmup_steps, minimum=0)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("eval_every", self.eval_every, minimum=0)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        _check_int("max_checkpoints", self.max_checkpoints, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        if self.seed >= 2**32:
+            raise ValueError(f"TrainConfig: seed must be < 2**32, got {self.seed}. Pass e.g. seed=0.")
+        if self.eval_batch_size is not None:
+            _check_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        if self.clip_norm is not None:
+            _check_number("clip_norm", self.clip_norm, minimum=0.0, strict=True)
+        if (self.total_steps is None) == (self.epochs is None):
+            raise ValueError(
+                "TrainConfig: pass exactly one of total_steps and epochs, got "
+                f"total_steps={self.total_steps!r}, epochs={self.epochs!r}. "
+                "E.g. TrainConfig(total_steps=1000) or TrainConfig(epochs=10)."
+            )
+        if self.total_steps is not None:
+            _check_int("total_steps", self.total_steps, minimum=1)
+            _check_warmup(self.warmup_steps, self.total_steps)
+        if self.epochs is not None:
+            _check_int("epochs", self.epochs, minimum=1)
+        for name in ("progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TrainConfig: {name} must be a bool, got {getattr(self, name)!r}.")
+        if self.tensorboard and self.log_dir is None:
+            raise ValueError("TrainConfig: tensorboard=True needs a log_dir, e.g. log_dir='runs/exp1'.")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(
+            f"TrainConfig: {name} must be an integer >= {minimum}, got {value!r}. "
+            f"Pass e.g. {name}={max(minimum, 1)}."
+        )
+
+
+def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        relation = ">" if strict else ">="
+        raise ValueError(f"TrainConfig: {name} must be a finite number {relation} {minimum}, got {value!r}.")
+
+
+def _check_warmup(warmup_steps: int, total_steps: int) -> None:
+    if warmup_steps >= total_steps:
+        raise ValueError(
+            f"TrainConfig: warmup_steps ({warmup_steps}) must be smaller than the total number of "
+            f"steps ({total_steps}). Lower warmup_steps or train longer."
+        )
+
+
+def total_steps_for(config: TrainConfig, num_train: int) -> int:
+    """Number of optimizer steps a run takes: `total_steps`, or `epochs` full passes.
+
+    Args:
+      config: the run's `TrainConfig`.
+      num_train: number of training samples.
+
+    Returns:
+      `config.total_steps`, or `config.epochs * (num_train // config.batch_size)`.
+
+    Example:
+      >>> from deq.train import TrainConfig, total_steps_for
+      >>> total_steps_for(TrainConfig(epochs=3, batch_size=10), num_train=105)
+      30
+    """
+    if config.total_steps is not None:
+        return int(config.total_steps)
+    per_epoch = num_batches(num_train, config.batch_size)
+    if per_epoch < 1:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {num_train} training samples, so an "
+            f"epoch has no full batch. Pass batch_size<={num_train}."
+        )
+    total = int(config.epochs) * per_epoch
+    _check_warmup(config.warmup_steps, total)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def make_schedule(config: TrainConfig, *, total_steps: int | None = None) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate`, then cosine decay to 0 at the last step.
+
+    Args:
+      config: the run's `TrainConfig`.
+      total_steps: the run's length; defaults to `config.total_steps` (required when the
+        config uses `epochs`: see `total_steps_for`).
+
+    Returns:
+      An optax schedule, `step -> learning rate` (the rate used by update number `step`, from 0).
+
+    Example:
+      >>> from deq.train import TrainConfig, make_schedule
+      >>> s = make_schedule(TrainConfig(learning_rate=1.0, warmup_steps=10, total_steps=110))
+      >>> float(s(0)), float(s(10)), float(s(110))
+      (0.0, 1.0, 0.0)
+    """
+    total = _resolve_total(config, total_steps)
+    if config.warmup_steps == 0:
+        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=total,
+        end_value=0.0,
+    )
+
+
+def make_optimizer(config: TrainConfig, *, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Gradient clipping, then Adam (AdamW when `weight_decay > 0`) on `make_schedule`.
+
+    Args:
+      config: the run's `TrainConfig`.
+      total_steps: the run's length; defaults to `config.total_steps`.
+
+    Returns:
+      An `optax.GradientTransformation`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq.train import TrainConfig, make_optimizer
+      >>> tx = make_optimizer(TrainConfig(total_steps=100, weight_decay=1e-4, clip_norm=1.0))
+      >>> params = {"w": jnp.ones(3)}
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+      >>> updates["w"].shape
+      (3,)
+    """
+    schedule = make_schedule(config, total_steps=total_steps)
+    if config.weight_decay > 0:
+        base = optax.adamw(schedule, weight_decay=config.weight_decay)
+    else:
+        base = optax.adam(schedule)
+    if config.clip_norm is None:
+        return base
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
+
+
+def _resolve_total(config: TrainConfig, total_steps: int | None) -> int:
+    total = config.total_steps if total_steps is None else total_steps
+    if total is None:
+        raise ValueError(
+            "this config sets epochs, not total_steps, so the schedule length is unknown: pass "
+            "total_steps=total_steps_for(config, num_train)."
+        )
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
+        raise ValueError(f"total_steps must be an integer >= 1, got {total!r}.")
+    _check_warmup(config.warmup_steps, int(total))
+    return int(total)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and jitted steps
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-target softmax cross-entropy and correctness.
+
+    Args:
+      logits: `(..., num_classes)` unnormalized log-probabilities.
+      labels: integer targets shaped like `logits[..., 0]`.
+
+    Returns:
+      `(losses, correct)`, both float32 shaped like `labels`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq.train import cross_entropy
+      >>> losses, correct = cross_entropy(jnp.array([[2.0, 0.0], [0.0, 2.0]]), jnp.array([0, 0]))
+      >>> correct.tolist()
+      [1.0, 0.0]
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"the model's logits {logits.shape} do not match the targets {labels.shape}: expected "
+            f"logits shaped targets.shape + (num_classes,) = {labels.shape + (logits.shape[-1],)}."
+        )
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return losses, correct
+
+
+def _call_model(model, x):
+    out = model(x)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+        raise TypeError(
+            f"the model must return (logits, info) with info a dict of scalar diagnostics, got "
+            f"{type(out).__name__}. Return e.g. (logits, {{}}) from an explicit network."
+        )
+    logits, info = out
+    return logits, {str(k): jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in info.items()}
+
+
+def _loss(model, x, y, key, aux_loss_fn, aux_weight):
+    logits, info = _call_model(model, x)
+    losses, correct = cross_entropy(logits, y)
+    loss = jnp.mean(losses)
+    metrics = {"loss": loss, "accuracy": jnp.mean(correct), **info}
+    total = loss
+    if aux_loss_fn is not None and aux_weight:
+        aux = jnp.asarray(aux_loss_fn(model, x, key), jnp.float32)
+        metrics["aux_loss"] = aux
+        total = loss + aux_weight * aux
+    return total, metrics
+
+
+@nnx.jit(static_argnames=("aux_loss_fn", "aux_weight"))
+def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight=0.0):
+    """One optimizer step on a batch: cross-entropy (+ `aux_weight * aux_loss_fn`), grads, update.
+
+    Updates `model` and `optimizer` in place (compiled with `nnx.jit`). Inputs may be sharded
+    over a mesh (see `shard_batch`); the loss is the mean over the global batch either way.
+
+    Args:
+      model: an `nnx.Module` with `model(x) -> (logits, info)`, in train mode.
+      optimizer: an `nnx.Optimizer(model, tx, wrt=nnx.Param)`.
+      x: input batch.
+      y: integer targets shaped like `logits[..., 0]`.
+      key: a JAX PRNG key passed to `aux_loss_fn` (may be None when there is none).
+      aux_loss_fn: optional static callable `aux_loss_fn(model, x, key) -> scalar`.
+      aux_weight: static float multiplying the extra loss; 0 skips it.
+
+    Returns:
+      Dict of scalar arrays: `loss` (cross-entropy), `accuracy`, `grad_norm`, `aux_loss` (when
+      active) and the mean of each entry of the model's `info`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> from deq.train import train_step
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.linear = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.linear(x), {}
+      >>> model = Net(nnx.Rngs(0))
+      >>> opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+      >>> m = train_step(model, opt, jnp.ones((8, 4)), jnp.zeros(8, jnp.int32))
+      >>> sorted(m)
+      ['accuracy', 'grad_norm', 'loss']
+    """
+    grad_fn = nnx.value_and_grad(_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(model, x, y, key, aux_loss_fn, aux_weight)
+    optimizer.update(model, grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return metrics
+
+
+@nnx.jit
+def eval_step(model, x, y, mask):
+    """Summed loss and correct count over the real (`mask`) samples of a batch, plus model info.
+
+    Args:
+      model: an `nnx.Module` with `model(x) -> (logits, info)` (put it in eval mode first).
+      x: input batch.
+      y: integer targets shaped like `logits[..., 0]`.
+      mask: `(batch,)` float weights, 1 for real samples and 0 for padding.
+
+    Returns:
+      Dict of scalar arrays: `loss_sum`, `correct_sum`, `count` (number of targets counted) and
+      the batch mean of each entry of the model's `info`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deq.train import eval_step
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.linear = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.linear(x), {}
+      >>> out = eval_step(Net(nnx.Rngs(0)), jnp.ones((4, 4)), jnp.zeros(4, jnp.int32),
+      ...                 jnp.array([1.0, 1.0, 1.0, 0.0]))
+      >>> float(out["count"])
+      3.0
+    """
+    logits, info = _call_model(model, x)
+    losses, correct = cross_entropy(logits, y)
+    weight = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (y.ndim - 1)), y.shape)
+    return {
+        "loss_sum": jnp.sum(losses * weight),
+        "correct_sum": jnp.sum(correct * weight),
+        "count": jnp.sum(weight),
+        **info,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Devices: mesh, sharding, replication
+# --------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh with axis `"data"` over `devices` (default: all devices).
+
+    Args:
+      devices: the devices to use; None means `jax.devices()`.
+
+    Returns:
+      A `jax.sharding.Mesh` of shape `(len(devices),)` with an `Auto` (compiler-propagated) axis.
+
+    Example:
+      >>> from deq.train import make_mesh
+      >>> make_mesh().axis_names
+      ('data',)
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), ("data",), (AxisType.Auto,), devices=devices)
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a pytree of arrays on `mesh`, split along axis 0 over the `"data"` axis.
+
+    Args:
+      batch: pytree of arrays whose leading (batch) size is divisible by the mesh size.
+      mesh: a mesh from `make_mesh`.
+
+    Returns:
+      The same pytree of `jax.Array`s with `NamedSharding(mesh, P("data"))`.
+
+    Example:
+      >>> import numpy as np
+      >>> from deq.train import make_mesh, shard_batch
+      >>> x = shard_batch(np.zeros((4, 2)), make_mesh())
+      >>> x.shape
+      (4, 2)
+    """
+    n = mesh.devices.size
+    for leaf in jax.tree_util.tree_leaves(batch):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n:
+            raise ValueError(
+                f"the batch size must be divisible by the number of devices ({n}) for "
+                f"data-parallel training, got an array of shape {np.shape(leaf)}. Pass a "
+                f"batch_size that is a multiple of {n}."
+            )
+    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copy a pytree of arrays (or an `nnx` object's state, in place) to every device of `mesh`.
+
+    Args:
+      tree: a pytree of arrays, or an `nnx.Module` / `nnx.Optimizer` (its state is replicated
+        in place and the object returned).
+      mesh: a mesh from `make_mesh`.
+
+    Returns:
+      The replicated pytree, or the same `nnx` object.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq.train import make_mesh, replicate
+      >>> replicate({"w": jnp.ones(2)}, make_mesh())["w"].sharding.is_fully_replicated
+      True
+    """
+    sharding = NamedSharding(mesh, P())
+    if isinstance(tree, (nnx.Module, nnx.Optimizer)) or _is_graph_node(tree):
+        nnx.update(tree, jax.device_put(nnx.state(tree), sharding))
+        return tree
+    return jax.device_put(tree, sharding)
+
+
+def _is_graph_node(x: Any) -> bool:
+    base = getattr(nnx, "Pytree", None) or getattr(nnx, "Object", None)
+    return base is not None and isinstance(x, base)
+
+
+def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if size % n:
+        raise ValueError(
+            f"{name}={size} must be divisible by the number of devices ({n}) for data-parallel "
+            f"training. Pass {name}={max(n, size - size % n)} (a multiple of {n})."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch: a pure function of `(seed, epoch)`.
+
+    Args:
+      seed: the run's seed (`TrainConfig.seed`).
+      epoch: epoch index from 0.
+
+    Returns:
+      A non-negative integer < 2**32 for `iterate_batches(..., seed=...)`.
+
+    Example:
+      >>> from deq.train import epoch_seed
+      >>> epoch_seed(0, 1) == epoch_seed(0, 1) != epoch_seed(0, 2)
+      True
+    """
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+def batch_stream(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, start_step: int = 0,
+    total_steps: int | None = None,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Shuffled training batches from step `start_step` on, reproducible from `(seed, epoch)`.
+
+    Epoch `e` visits the data in the order `iterate_batches(x, y, batch_size,
+    seed=epoch_seed(seed, e))` (incomplete final batch dropped), so starting at step `s` gives
+    exactly the batches an uninterrupted run sees from step `s` on.
+
+    Args:
+      x: training inputs.
+      y: training targets.
+      batch_size: samples per batch.
+      seed: the run's seed.
+      start_step: index of the first step to produce (0-based).
+      total_steps: stop before this step; None = never stop.
+
+    Returns:
+      An iterator of `(step, epoch, xb, yb)`.
+
+    Example:
+      >>> import numpy as np
+      >>> from deq.train import batch_stream
+      >>> x = y = np.arange(6)
+      >>> full = [yb.tolist() for _, _, _, yb in batch_stream(x, y, 2, seed=0, total_steps=5)]
+      >>> tail = [yb.tolist() for _, _, _, yb in batch_stream(x, y, 2, seed=0, start_step=3, total_steps=5)]
+      >>> tail == full[3:]
+      True
+    """
+    per_epoch = num_batches(len(x), batch_size)
+    if per_epoch < 1:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {len(x)} training samples, so an epoch "
+            f"has no full batch. Pass batch_size<={len(x)}."
+        )
+    step = int(start_step)
+    epoch, position = divmod(step, per_epoch)
+    while total_steps is None or step < total_steps:
+        batches = iterate_batches(x, y, batch_size, seed=epoch_seed(seed, epoch), epochs=1)
+        for xb, yb in itertools.islice(batches, position, None):
+            if total_steps is not None and step >= total_steps:
+                return
+            yield step, epoch, xb, yb
+            step += 1
+        epoch, position = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int, *, mesh: Mesh | None = None
+) -> dict[str, float]:
+    """Accuracy, mean cross-entropy and mean model info over `(x, y)`, in the model's current mode.
+
+    Call `model.eval()` first for eval-mode solver settings (`fit` does). Every sample counts
+    exactly once: the last batch is padded (with repeated samples, masked out of the loss and
+    accuracy) so a single compiled shape is used.
+
+    Args:
+      model: an `nnx.Module` with `model(x) -> (logits, info)`.
+      x: inputs, leading axis = samples.
+      y: integer targets.
+      batch_size: samples per batch, divisible by the mesh size.
+      mesh: data-parallel mesh (default `make_mesh()`: all devices).
+
+    Returns:
+      `{"loss", "accuracy", **info}` as floats; `info` entries are averaged over batches
+      weighted by the number of real samples in each.
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from deq.train import evaluate
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.linear = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.linear(x), {"depth": 1.0}
+      >>> out = evaluate(Net(nnx.Rngs(0)), np.ones((10, 4), np.float32), np.zeros(10, np.int32), 4)
+      >>> sorted(out), out["depth"]
+      (['accuracy', 'depth', 'loss'], 1.0)
+    """
+    mesh = make_mesh() if mesh is None else mesh
+    _check_divisible("batch_size", batch_size, mesh)
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"evaluate needs matching non-empty x and y, got {x.shape} and {y.shape}.")
+    totals: dict[str, float] = {}
+    info_sums: dict[str, float] = {}
+    for start in range(0, len(x), batch_size):
+        real = min(batch_size, len(x) - start)
+        idx = start + np.arange(batch_size) % real  # pad by repeating this batch's samples
+        mask = (np.arange(batch_size) < real).astype(np.float32)
+        xb, yb, mb = shard_batch((x[idx], y[idx], mask), mesh)
+        out = jax.device_get(eval_step(model, xb, yb, mb))
+        for k in ("loss_sum", "correct_sum", "count"):
+            totals[k] = totals.get(k, 0.0) + float(out.pop(k))
+        for k, v in out.items():
+            info_sums[k] = info_sums.get(k, 0.0) + float(v) * real
+    result = {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct_sum"] / totals["count"]}
+    result.update({k: v / len(x) for k, v in info_sums.items()})
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# History
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class History:
+    """What `fit` returns: one dict per training step and per evaluation.
+
+    Attributes:
+      train: records `{"kind": "train", "step", "epoch", "loss", "accuracy", "grad_norm", "lr",
+        "step_time", **info}`; `step` counts optimizer updates from 1.
+      eval: records `{"kind": "eval", "step", "epoch", "loss", "accuracy", "eval_time", **info}`
+        on the test split.
+      start_step: the step this `fit` call started from (> 0 when it resumed a checkpoint).
+      run_time: wall seconds of the `fit` call (including compilation and evaluation).
+      stopped_early: whether a callback stopped the run.
+
+    Example:
+      >>> from deq.train import History
+      >>> h = History(eval=[{"kind": "eval", "step": 10, "loss": 0.5, "accuracy": 0.9}])
+      >>> h.test_accuracy, h.test_loss
+      (0.9, 0.5)
+    """
+
+    train: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    start_step: int = 0
+    run_time: float = 0.0
+    stopped_early: bool = False
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """Accuracy of the last evaluation (the end of the run), or None."""
+        return self.eval[-1]["accuracy"] if self.eval else None
+
+    @property
+    def test_loss(self) -> float | None:
+        """Cross-entropy of the last evaluation (the end of the run), or None."""
+        return self.eval[-1]["loss"] if self.eval else None
+
+    @property
+    def steps_per_second(self) -> float | None:
+        """Training steps per second of step time in this `fit` call, excluding its first
+        (compiling) step; None when fewer than two steps ran."""
+        times = [r["step_time"] for r in self.train if r["step"] > self.start_step + 1]
+        return len(times) / sum(times) if times and sum(times) > 0 else None
+
+    def metric(self, name: str, kind: str = "train") -> np.ndarray:
+        """The values of `name` across the `kind` ("train" or "eval") records, as a float array
+        (NaN where a record lacks it)."""
+        records = {"train": self.train, "eval": self.eval}[kind]
+        return np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (see `from_dict`)."""
+        return {"train": self.train, "eval": self.eval}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> History:
+        """Rebuild the records saved by `to_dict`."""
+        return cls(train=[dict(r) for r in data["train"]], eval=[dict(r) for r in data["eval"]])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+class _Logger:
+    """Writes records to `log_dir/metrics.jsonl` and, optionally, TensorBoard."""
+
+    def __init__(self, config: TrainConfig, history: History, start_step: int):
+        self._file = None
+        self._writer = None
+        if config.log_dir is None:
+            return
+        log_dir = Path(config.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if config.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                raise ImportError(
+                    "TrainConfig(tensorboard=True) needs tensorboardX: pip install tensorboardX "
+                    "(or pip install 'deq-jax[tensorboard]')."
+                ) from e
+            self._writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        # Rewrite the file from the (possibly restored) history: a resumed run's log then
+        # matches an uninterrupted run's, without records the killed run wrote after its checkpoint.
+        self._file = open(log_dir / "metrics.jsonl", "w", buffering=1)
+        for record in sorted(history.train + history.eval, key=lambda r: (r["step"], r["kind"] != "train")):
+            self._file.write(json.dumps(record) + "\n")
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _progress_bar(config: TrainConfig, total: int, start: int):
+    from tqdm.auto import tqdm
+
+    enabled = config.progress and sys.stderr is not None and sys.stderr.isatty()
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", desc="fit", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _is_key(a: Any) -> bool:
+    return hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def _to_saveable(state) -> dict:
+    """nnx state as a pure dict with PRNG keys replaced by their raw data (orbax stores arrays)."""
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, nnx.to_pure_dict(state))
+
+
+def _target(state: nnx.State) -> dict:
+    """Abstract restore target (shapes, dtypes, shardings) for `_to_saveable(state)`."""
+    import orbax.checkpoint as ocp
+
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(state))
+
+
+def _load_into(obj: Any, saved: dict) -> None:
+    state = nnx.state(obj)
+    template = nnx.to_pure_dict(state)
+    restored = jax.tree.map(
+        lambda t, s: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else s,
+        template, saved,
+    )
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(obj, state)
+
+
+def _open_manager(config: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        Path(config.checkpoint_dir).absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True),
+    )
+
+
+def _save(manager, step: int, model, optimizer, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(_to_saveable(nnx.state(model))),
+            optimizer=ocp.args.StandardSave(_to_saveable(nnx.state(optimizer))),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+
+def restore_checkpoint(
+    checkpoint_dir: str | Path, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint written by `fit` into `model` (and `optimizer`) in place.
+
+    Args:
+      checkpoint_dir: the run's `TrainConfig.checkpoint_dir`.
+      model: a model with the same structure as the saved one (e.g. freshly built).
+      optimizer: optionally, an `nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)`.
+      step: the step to load; None = the latest.
+
+    Returns:
+      The checkpoint's metadata: `step`, `epoch`, `batch_in_epoch`, `config` and `history`
+      (a `History.to_dict()`).
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from flax import nnx
+      >>> from deq.data import Dataset
+      >>> from deq.train import TrainConfig, fit, restore_checkpoint
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.linear = nnx.Linear(4, 2, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.linear(x), {}
+      >>> rng = np.random.default_rng(0)
+      >>> x = rng.normal(size=(32, 4)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
+      >>> ds = Dataset(x, y, x, y, 2, "toy", (4,))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = fit(Net(nnx.Rngs(0)), ds, TrainConfig(total_steps=4, batch_size=8, checkpoint_dir=d))
+      ...     meta = restore_checkpoint(d, Net(nnx.Rngs(1)))
+      >>> meta["step"]
+      4
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(checkpoint_dir).absolute()
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {str(path)!r}.")
+        return _restore(manager, step, model, optimizer)
+    finally:
+        manager.close()
+
+
+def _restore(manager, step: int, model, optimizer) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    items = {"model": ocp.args.StandardRestore(_target(nnx.state(model))), "meta": ocp.args.JsonRestore()}
+    if optimizer is not None:
+        items["optimizer"] = ocp.args.StandardRestore(_target(nnx.state(optimizer)))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"could not restore the checkpoint at step {step} of {str(manager.directory)!r} into "
+            f"this model/optimizer: their structure differs from the saved one ({e}). Build the "
+            "model and config exactly as in the run that saved it, or use a new checkpoint_dir."
+        ) from e
+    _load_into(model, restored["model"])
+    if optimizer is not None:
+        _load_into(optimizer, restored["optimizer"])
+    return dict(restored["meta"])
+
+
+def _check_resume(meta: Mapping[str, Any], config: TrainConfig, num_train: int) -> None:
+    saved = meta.get("config", {})
+    diffs = [
+        f"{name}: checkpoint {saved.get(name)!r} vs now {getattr(config, name)!r}"
+        for name in _TRAJECTORY_FIELDS
+        if saved.get(name) != getattr(config, name)
+    ]
+    if meta.get("num_train") != num_train:
+        diffs.append(f"number of training samples: checkpoint {meta.get('num_train')} vs now {num_train}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume from the checkpoint in {config.checkpoint_dir!r}: it was written by a run "
+            f"with different settings ({'; '.join(diffs)}). Use the same config and data to resume, "
+            "a new checkpoint_dir to start over, or fit(..., resume=False) to ignore it."
+        )
+
+
+def _meta(step: int, epoch: int, per_epoch: int, config: TrainConfig, num_train: int, history: History) -> dict:
+    return {
+        "format": _FORMAT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": step - epoch * per_epoch,
+        "epoch_seed": epoch_seed(config.seed, epoch),
+        "num_train": num_train,
+        "config": dataclasses.asdict(config),
+        "history": history.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+
+Callback = Callable[[dict[str, Any]], "bool | None"]
+
+
+def fit(
+    model: nnx.Module,
+    dataset: Any,
+    config: TrainConfig,
+    *,
+    callbacks: Sequence[Callback] | None = None,
+    aux_loss_fn: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array] | None = None,
+    resume: bool = True,
+    mesh: Mesh | None = None,
+) -> History:
+    """Train `model` in place on `dataset.x_train` / `y_train`; evaluate on `x_test` / `y_test`.
+
+    Each step draws the next batch of `batch_stream`, shards it over the mesh and runs
+    `train_step` (Adam/AdamW from `make_optimizer`). The test split is evaluated (in
+    `model.eval()` mode, then back to `model.train()`) every `eval_every` steps and at the end.
+    With `checkpoint_dir`, model + optimizer state and the run's position (step, epoch, batch
+    in epoch, history) are saved every `checkpoint_every` steps and at the end; a later `fit`
+    with the same config resumes from the latest checkpoint and reproduces the uninterrupted
+    run exactly (same batches, same keys, same parameters, same records apart from timings).
+
+    Args:
+      model: `nnx.Module` with `model(x) -> (logits, info)`; trained in place and left in
+        train mode.
+      dataset: object with `x_train`, `y_train`, `x_test`, `y_test` arrays (a `deq.data.Dataset`).
+      config: a `TrainConfig`.
+      callbacks: callables `callback(record) -> bool | None` called with every train and eval
+        record; returning True stops the run after this step (it is then evaluated and
+        checkpointed, and `History.stopped_early` is set).
+      aux_loss_fn: extra loss `aux_loss_fn(model, x, key) -> scalar`, weighted by
+        `config.jacobian_reg` (required when that is > 0, ignored when it is 0), e.g. a
+        Jacobian Frobenius-norm estimate for DEQs. Must be hashable (a function, not a lambda
+        re-created each call, to avoid recompiling).
+      resume: whether to resume from the latest checkpoint in `config.checkpoint_dir`.
+      mesh: data-parallel mesh (default `make_mesh()`: all devices).
+
+    Returns:
+      A `History` (train and eval records, `test_accuracy`, `test_loss`, `steps_per_second`).
+
+    Example:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from deq.data import load_digits
+      >>> from deq.train import TrainConfig, fit
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.l1, self.l2 = nnx.Linear(64, 64, rngs=rngs), nnx.Linear(64, 10, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.l2(nnx.relu(self.l1(x.reshape(x.shape[0], -1)))), {}
+      >>> history = fit(MLP(nnx.Rngs(0)), load_digits(), TrainConfig(epochs=5, batch_size=64,
+      ...               learning_rate=3e-3, progress=False))
+      >>> history.test_accuracy > 0.9
+      True
+    """
+    callbacks = list(callbacks or [])
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"fit: config must be a deq.train.TrainConfig, got {type(config).__name__}.")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"fit: model must be a flax.nnx.Module, got {type(model).__name__}.")
+    if config.jacobian_reg > 0 and aux_loss_fn is None:
+        raise ValueError(
+            f"fit: config.jacobian_reg={config.jacobian_reg} > 0 needs aux_loss_fn(model, x, key) -> "
+            "scalar (e.g. a Jacobian Frobenius-norm estimate). Pass aux_loss_fn=... or jacobian_reg=0."
+        )
+    aux_weight = float(config.jacobian_reg)
+    aux = aux_loss_fn if aux_weight > 0 else None
+    x_train, y_train = np.asarray(dataset.x_train), np.asarray(dataset.y_train)
+    x_test, y_test = np.asarray(dataset.x_test), np.asarray(dataset.y_test)
+    num_train = len(x_train)
+    total = total_steps_for(config, num_train)
+    per_epoch = num_batches(num_train, config.batch_size)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    mesh = make_mesh() if mesh is None else mesh
+    _check_divisible("batch_size", config.batch_size, mesh)
+    _check_divisible("eval_batch_size", eval_batch_size, mesh)
+
+    started = time.perf_counter()
+    lrs = np.asarray(make_schedule(config, total_steps=total)(np.arange(total)), dtype=np.float64)
+    optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps=total), wrt=nnx.Param)
+    replicate(model, mesh)
+    replicate(optimizer, mesh)
+    base_key = jax.random.key(config.seed)
+
+    history, start = History(), 0
+    manager = _open_manager(config) if config.checkpoint_dir is not None else None
+    logger = bar = None
+    try:
+        if manager is not None and resume and manager.latest_step() is not None:
+            meta = _restore(manager, manager.latest_step(), model, optimizer)
+            _check_resume(meta, config, num_train)
+            history, start = History.from_dict(meta["history"]), int(meta["step"])
+        history.start_step = start
+        logger = _Logger(config, history, start)
+        bar = _progress_bar(config, total, start)
+
+        def emit(record: dict[str, Any]) -> bool:
+            (history.train if record["kind"] == "train" else history.eval).append(record)
+            logger.log(record)
+            return any(bool(cb(record)) for cb in callbacks)
+
+        def run_eval(step: int, epoch: int) -> bool:
+            t0 = time.perf_counter()
+            model.eval()
+            try:
+                result = evaluate(model, x_test, y_test, eval_batch_size, mesh=mesh)
+            finally:
+                model.train()
+            record = {"kind": "eval", "step": step, "epoch": epoch, **result,
+                      "eval_time": time.perf_counter() - t0}
+            return emit(record)
+
+        model.train()
+        step, epoch = start, start // per_epoch
+        for index, epoch, xb, yb in batch_stream(
+            x_train, y_train, config.batch_size, seed=config.seed, start_step=start, total_steps=total
+        ):
+            xb, yb = shard_batch((xb, yb), mesh)
+            key = jax.random.fold_in(base_key, index)
+            t0 = time.perf_counter()
+            metrics = jax.block_until_ready(
+                train_step(model, optimizer, xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)
+            )
+            step_time = time.perf_counter() - t0
+            step = index + 1
+            record = {"kind": "train", "step": step, "epoch": epoch,
+                      **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                      "lr": float(lrs[index]), "step_time": step_time}
+            stop = emit(record)
+            if stop or step == total or (config.eval_every and step % config.eval_every == 0):
+                stop = run_eval(step, epoch) or stop
+            if manager is not None and (stop or step == total or step % config.checkpoint_every == 0):
+                _save(manager, step, model, optimizer,
+                      _meta(step, step // per_epoch, per_epoch, config, num_train, history))
+            bar.update(1)
+            if bar.n % max(1, total // 200) == 0:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}", refresh=False)
+            if stop:
+                history.stopped_early = True
+                break
+        if not history.eval or history.eval[-1]["step"] != step:
+            run_eval(step, max(step - 1, 0) // per_epoch)
+    finally:
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    history.run_time = time.perf_counter() - started
+    return history
