@@ -12,6 +12,9 @@ References:
   Ryu & Boyd, "A primer on monotone operator methods", Appl. Comput. Math. 2016.
 """
 
+from ._nn import MonDEQ as MonDEQ
+from ._nn import MonDEQClassifier as MonDEQClassifier
+from ._nn import MonDEQConv as MonDEQConv
 from ._operators import MonotoneConv as MonotoneConv
 from ._operators import MonotoneDense as MonotoneDense
 from ._operators import conv as conv
@@ -23,6 +26,9 @@ from ._splitting import monotone_fixed_point as monotone_fixed_point
 
 __all__ = [
     "ForwardBackward",
+    "MonDEQ",
+    "MonDEQClassifier",
+    "MonDEQConv",
     "MonotoneConv",
     "MonotoneDense",
     "PeacemanRachford",
