@@ -227,7 +227,7 @@ def solve_with_hints(f, z0, args, *, guessed, **kwargs) -> Solution:
                 f"initial state (e.g. zeros of shape (batch, hidden)), or pass z0 to the layer."
                 f"\nOriginal error: {e}"
             ) from e
-        if not guessed and "shaped like `z0`" in str(e):
+        if not guessed and ("shaped like `z0`" in str(e) or _state_mismatch(f, z0, args)):
             raise ValueError(
                 f"DEQ: the given z0 ({_describe(z0)}) does not match the cell's state. Pass z0 "
                 f"shaped like the cell's output (cell.init_state(x) returns one, if defined), "

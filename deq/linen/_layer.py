@@ -1,0 +1,191 @@
+"""`deq.linen.DEQ`: the deep equilibrium layer for Flax Linen users.
+
+A thin wrapper: the cell is an ordinary Linen submodule, initialised by calling it once; the
+solve applies an unbound copy of it with its variables passed as explicit arguments of
+`deq.fixed_point`, so the backward strategy sends gradients to the cell's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.errors
+import flax.linen as nn
+
+from .._solution import Solution
+from ..backward import IFT, AbstractBackward
+from ..nn._layer import _check_solver, default_initial_state, solve_with_hints
+from ..solvers import Anderson
+
+__all__ = ["DEQ"]
+
+_ALLOWED_COLLECTIONS = ("params",)
+
+
+class _LinenCellMap:
+    """`f(z, (variables, x)) = cell.apply(variables, z, x)`, hashable by the (unbound) cell."""
+
+    __slots__ = ("cell", "__weakref__")
+
+    def __init__(self, cell: nn.Module):
+        self.cell = cell
+
+    def __hash__(self):
+        return hash((_LinenCellMap, self.cell))
+
+    def __eq__(self, other):
+        return type(other) is _LinenCellMap and self.cell == other.cell
+
+    def __call__(self, z, args):
+        variables, x = args
+        try:
+            return self.cell.apply(variables, z, x)
+        except flax.errors.InvalidRngError as e:
+            raise ValueError(
+                f"deq.linen.DEQ: the cell {type(self.cell).__name__} draws random numbers inside "
+                "the solve (e.g. nn.Dropout), which would give a different mask at every solver "
+                "step. Draw the dropout mask once per forward pass outside the solve and pass it "
+                "in x, or put dropout before or after the DEQ layer (or make it deterministic)."
+                f"\nOriginal error: {e}"
+            ) from e
+        except flax.errors.ModifyScopeVariableError as e:
+            raise ValueError(
+                f"deq.linen.DEQ: the cell {type(self.cell).__name__} writes to a variable inside "
+                "the solve; cell variables must be read-only while the solver evaluates the cell "
+                f"many times per forward pass.\nOriginal error: {e}"
+            ) from e
+
+
+def _check_collections(cell_name: str, variables) -> None:
+    bad = sorted(c for c in variables if c not in _ALLOWED_COLLECTIONS)
+    if not bad:
+        return
+    advice = []
+    if "batch_stats" in bad:
+        advice.append(
+            "Batch statistics would be recomputed (and running averages updated) at every solver "
+            "step. Use nn.LayerNorm or nn.GroupNorm inside the cell, or put nn.BatchNorm before "
+            "or after the DEQ layer."
+        )
+    if any(c in ("intermediates", "cache") for c in bad):
+        advice.append("Do not sow intermediates or keep a cache inside the cell; return what you need.")
+    advice.append("Only the 'params' collection is allowed in a DEQ cell.")
+    raise ValueError(
+        f"deq.linen.DEQ: the cell {cell_name} holds mutable variable collections {bad} that the "
+        "fixed-point solver would need to update while it evaluates the cell many times per "
+        "forward pass. " + " ".join(advice)
+    )
+
+
+class DEQ(nn.Module):
+    r"""A deep equilibrium layer for Flax Linen (Bai et al. 2019): `z* = cell(z*, x)`.
+
+    The Linen counterpart of `deq.nn.DEQ`, with the same solve and the same gradients. The cell
+    is any Linen module with `__call__(z, x) -> z` holding only `params` (modules with
+    `batch_stats`, caches or random draws such as `nn.Dropout` inside the solve are refused
+    with a `ValueError`). At `init` the cell is called once at `z0` to create its parameters;
+    then the fixed point is found by `deq.fixed_point` with the cell's variables as explicit
+    arguments, so `jax.grad` of `model.apply` differentiates them through `backward`.
+
+    The initial state, when `z0` is not given, is `cell.init_state(x)` if the cell defines that
+    method, else zeros shaped like `x` (the state is assumed to have the input's shape).
+
+    Attributes:
+      cell: the Linen cell, `cell(z, x) -> z`.
+      solver: forward solver (default `deq.Anderson()`).
+      backward: backward strategy (default `deq.IFT()`).
+      batch_axis: 0 (axis 0 indexes independent samples) or None (one problem).
+      eval_solver: forward solver used when `deterministic` is True; None uses `solver`.
+      throw: raise a `RuntimeError` from compiled code when a solve does not converge.
+      deterministic: default evaluation-mode flag (a call argument overrides it).
+
+    Call Args:
+      x: the input (any pytree), passed to the cell at every step.
+      z0: initial state (warm start); None builds one as above.
+      return_solution: return the whole `deq.Solution` instead of `z*`.
+      solver: per-call solver override.
+      deterministic: evaluation mode for this call (selects `eval_solver`).
+
+    Returns:
+      `z*`, or a `deq.Solution` with per-sample stats when `return_solution=True`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import deq
+      >>> class Cell(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, z, x):
+      ...         return jnp.tanh(0.5 * nn.Dense(4, use_bias=False)(z) + nn.Dense(4)(x))
+      ...     def init_state(self, x):
+      ...         return jnp.zeros((x.shape[0], 4), x.dtype)
+      >>> model = deq.linen.DEQ(cell=Cell())
+      >>> x = jnp.ones((2, 3))
+      >>> params = model.init(jax.random.key(0), x)
+      >>> model.apply(params, x).shape
+      (2, 4)
+      >>> g = jax.grad(lambda p: model.apply(p, x).sum())(params)
+      >>> jax.tree_util.tree_map(jnp.shape, g["params"]["cell"]["Dense_0"])
+      {'kernel': (4, 4)}
+
+    References:
+      Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+
+    cell: nn.Module
+    solver: Any = None
+    backward: Any = None
+    batch_axis: Optional[int] = 0
+    eval_solver: Any = None
+    throw: bool = False
+    deterministic: Optional[bool] = None
+
+    def _config(self):
+        solver = Anderson() if self.solver is None else self.solver
+        backward = IFT() if self.backward is None else self.backward
+        _check_solver("solver", solver, allow_none=False)
+        _check_solver("eval_solver", self.eval_solver, allow_none=True)
+        if not isinstance(backward, AbstractBackward):
+            raise TypeError(
+                f"deq.linen.DEQ: `backward` must be a deq backward strategy (deq.IFT(), "
+                f"deq.PhantomGrad(), deq.JFB() or deq.Unrolled()), got {backward!r}."
+            )
+        if isinstance(self.batch_axis, bool) or self.batch_axis not in (None, 0):
+            raise ValueError(
+                f"deq.linen.DEQ: `batch_axis` must be 0 or None, got {self.batch_axis!r}."
+            )
+        return solver, backward
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        z0=None,
+        *,
+        return_solution: bool = False,
+        solver: Any = None,
+        deterministic: Optional[bool] = None,
+    ):
+        default_solver, backward = self._config()
+        if deterministic is None:
+            deterministic = bool(self.deterministic)
+        if solver is not None:
+            _check_solver("solver", solver, allow_none=False)
+        elif deterministic and self.eval_solver is not None:
+            solver = self.eval_solver
+        else:
+            solver = default_solver
+        guessed = False
+        if z0 is None:
+            z0, guessed = default_initial_state(self.cell, x)
+        if self.is_initializing():
+            self.cell(z0, x)  # creates the cell's variables
+        variables = dict(self.cell.variables)
+        _check_collections(type(self.cell).__name__, variables)
+        f = _LinenCellMap(self.cell.clone(parent=None))
+        sol: Solution = solve_with_hints(
+            f, z0, (variables, x), guessed=guessed, solver=solver, backward=backward,
+            batch_axis=self.batch_axis, throw=self.throw,
+        )
+        return sol if return_solution else sol.value
+
