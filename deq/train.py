@@ -23,6 +23,7 @@ backward runs inside a custom VJP and returns no statistics, so there is nothing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -271,14 +272,33 @@ def make_optimizer(config: TrainConfig, *, total_steps: int | None = None) -> op
       >>> updates["w"].shape
       (3,)
     """
-    schedule = make_schedule(config, total_steps=total_steps)
-    if config.weight_decay > 0:
-        base = optax.adamw(schedule, weight_decay=config.weight_decay)
+    total = _resolve_total(config, total_steps)
+    return _optimizer(config.learning_rate, config.weight_decay, config.warmup_steps, total, config.clip_norm)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(learning_rate, weight_decay, warmup_steps, total_steps, clip_norm) -> optax.GradientTransformation:
+    # Memoized: equal settings give the same (stateless) object, so `nnx.Optimizer`s built from
+    # it share a graph definition and `train_step` is not recompiled for every `fit` call.
+    config = TrainConfig(learning_rate=learning_rate, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, total_steps=total_steps, clip_norm=clip_norm)
+    schedule = make_schedule(config)
+    if weight_decay > 0:
+        base = optax.adamw(schedule, weight_decay=weight_decay)
     else:
         base = optax.adam(schedule)
-    if config.clip_norm is None:
+    if clip_norm is None:
         return base
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), base)
+
+
+@functools.lru_cache(maxsize=16)
+def _lr_table(learning_rate: float, warmup_steps: int, total_steps: int) -> np.ndarray:
+    """The learning rate of every update of a run (one compiled evaluation of the schedule)."""
+    config = TrainConfig(learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps)
+    table = np.asarray(jax.jit(jax.vmap(make_schedule(config)))(np.arange(total_steps)), np.float64)
+    table.flags.writeable = False
+    return table
 
 
 def _resolve_total(config: TrainConfig, total_steps: int | None) -> int:
@@ -510,6 +530,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def _is_graph_node(x: Any) -> bool:
     base = getattr(nnx, "Pytree", None) or getattr(nnx, "Object", None)
     return base is not None and isinstance(x, base)
+
+
+def _bound_train_step(model, optimizer) -> Callable[..., dict]:
+    """`train_step` with `model` and `optimizer` bound, via `nnx.cached_partial` when available.
+
+    The cached version skips re-traversing the object graphs on every call (several times less
+    Python overhead for small models); it shares the Variables with `model` and `optimizer`, so
+    their state stays current. Build it after any mode switch: the cached graph keeps the modes
+    it was built with.
+    """
+    try:
+        with nnx.set_graph_mode(True), nnx.set_graph_updates(True):
+            return nnx.cached_partial(train_step, model, optimizer)
+    except (AttributeError, ValueError, TypeError):  # older/newer flax without the graph-mode API
+        return functools.partial(train_step, model, optimizer)
 
 
 def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
@@ -1003,7 +1038,7 @@ def fit(
     _check_divisible("eval_batch_size", eval_batch_size, mesh)
 
     started = time.perf_counter()
-    lrs = np.asarray(make_schedule(config, total_steps=total)(np.arange(total)), dtype=np.float64)
+    lrs = _lr_table(config.learning_rate, config.warmup_steps, total)
     optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps=total), wrt=nnx.Param)
     replicate(model, mesh)
     replicate(optimizer, mesh)
@@ -1038,6 +1073,7 @@ def fit(
             return emit(record)
 
         model.train()
+        step_fn = _bound_train_step(model, optimizer)
         step, epoch = start, start // per_epoch
         for index, epoch, xb, yb in batch_stream(
             x_train, y_train, config.batch_size, seed=config.seed, start_step=start, total_steps=total
@@ -1046,7 +1082,7 @@ def fit(
             key = jax.random.fold_in(base_key, index)
             t0 = time.perf_counter()
             metrics = jax.block_until_ready(
-                train_step(model, optimizer, xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)
+                step_fn(xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)
             )
             step_time = time.perf_counter() - t0
             step = index + 1
