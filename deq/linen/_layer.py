@@ -22,6 +22,16 @@ __all__ = ["DEQ"]
 _ALLOWED_COLLECTIONS = ("params",)
 
 
+def _rng_error(cell, e) -> ValueError:
+    return ValueError(
+        f"deq.linen.DEQ: the cell {type(cell).__name__} draws random numbers (e.g. nn.Dropout), "
+        "which inside the solve would give a different mask at every solver step. Draw the "
+        "dropout mask once per forward pass outside the solve and pass it in x (e.g. x = "
+        "(features, mask)), or put dropout before or after the DEQ layer, or make it "
+        f"deterministic.\nOriginal error: {e}"
+    )
+
+
 class _LinenCellMap:
     """`f(z, (variables, x)) = cell.apply(variables, z, x)`, hashable by the (unbound) cell."""
 
@@ -41,13 +51,7 @@ class _LinenCellMap:
         try:
             return self.cell.apply(variables, z, x)
         except flax.errors.InvalidRngError as e:
-            raise ValueError(
-                f"deq.linen.DEQ: the cell {type(self.cell).__name__} draws random numbers inside "
-                "the solve (e.g. nn.Dropout), which would give a different mask at every solver "
-                "step. Draw the dropout mask once per forward pass outside the solve and pass it "
-                "in x, or put dropout before or after the DEQ layer (or make it deterministic)."
-                f"\nOriginal error: {e}"
-            ) from e
+            raise _rng_error(self.cell, e) from e
         except flax.errors.ModifyScopeVariableError as e:
             raise ValueError(
                 f"deq.linen.DEQ: the cell {type(self.cell).__name__} writes to a variable inside "
@@ -179,7 +183,10 @@ class DEQ(nn.Module):
         if z0 is None:
             z0, guessed = default_initial_state(self.cell, x)
         if self.is_initializing():
-            self.cell(z0, x)  # creates the cell's variables
+            try:
+                self.cell(z0, x)  # creates the cell's variables
+            except flax.errors.InvalidRngError as e:
+                raise _rng_error(self.cell, e) from e
         variables = dict(self.cell.variables)
         _check_collections(type(self.cell).__name__, variables)
         f = _LinenCellMap(self.cell.clone(parent=None))

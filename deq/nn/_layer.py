@@ -249,15 +249,11 @@ def solution_info(sol: Solution) -> dict:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from flax import nnx
       >>> import deq
-      >>> class Cell(nnx.Module):
-      ...     def __init__(self, n, rngs):
-      ...         self.lin = nnx.Linear(n, n, rngs=rngs)
-      ...     def __call__(self, z, x):
-      ...         return jnp.tanh(0.5 * self.lin(z) + x)
-      >>> layer = deq.nn.DEQ(Cell(4, nnx.Rngs(0)))
-      >>> info = deq.nn.solution_info(layer(jnp.ones((2, 4)), return_solution=True))
+      >>> f = lambda z, x: jnp.tanh(0.5 * z + x)
+      >>> sol = deq.fixed_point(f, jnp.zeros((4, 2)), jnp.ones((4, 2)), batch_axis=0,
+      ...                       solver=deq.FixedPointIteration())
+      >>> info = deq.nn.solution_info(sol)
       >>> sorted(info), float(info["converged_frac"])
       (['converged_frac', 'forward_steps', 'residual'], 1.0)
     """
@@ -338,7 +334,7 @@ class DEQ(nnx.Module):
       >>> x = jnp.ones((5, 3))
       >>> layer(x).shape
       (5, 8)
-      >>> sol = nnx.jit(lambda m, x: m(x, return_solution=True))(layer, x)
+      >>> sol = layer(x, return_solution=True)
       >>> sol.value.shape, sol.stats.num_steps.shape, bool(sol.stats.converged.all())
       ((5, 8), (5,), True)
       >>> grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
