@@ -1,0 +1,401 @@
+"""Peak memory of one training step: DEQ (implicit backward) vs. an unrolled weight-tied net.
+
+Run ``python -m benchmarks.memory --profile smoke|quick|full`` (``--out DIR``, ``--seed``,
+``--no-plot``).
+
+Model (both methods share it, seeded identically)::
+
+    u = x A + a                     (injection, nnx.Linear(in_features -> width))
+    z_{k+1} = cell(z_k, u)          (the same cell at every step, z_0 = cell.init_state(u))
+    loss = cross_entropy(z_K H + h, y)
+
+``cell`` is the library's ``deq.nn.DenseCell(width)`` (weight-normalised W1, W2, three
+LayerNorms, skip) in the quick and full profiles, and a self-contained ``z -> tanh(z W + u)``
+cell in the smoke profile (it compiles several times faster; smoke only checks the machinery)
+or when ``deq.nn.cells`` is missing. ``settings.cell`` in the JSON says which one ran.
+
+* ``deq``: ``deq.nn.DEQ(cell, solver=FixedPointIteration(rtol=0, atol=1e-30, max_steps=K),
+  backward=IFT(warn=False))``. With these tolerances the stopping test
+  ``||f(z) - z|| <= atol + rtol ||f(z)||`` can only pass at an exactly zero residual, so the
+  forward solve runs exactly ``K`` steps: ``K`` is the DEQ's *effective depth*. The number of
+  steps the solver actually took is returned by the solve (``stats.num_steps``, per sample) and
+  reported (``num_steps_min/max``, ``steps_ok``). The backward pass is the implicit function
+  theorem (adjoint fixed point with the default Anderson adjoint solver), so nothing of the
+  forward iterations is stored.
+* ``unrolled``: the explicit net ``z_K = cell(...cell(cell(z_0, u), u)..., u)`` written as a
+  ``jax.lax.scan`` of length ``K`` and differentiated by ordinary reverse-mode autodiff, which
+  stores the activations of every step.
+
+The training step is ``jax.jit(jax.value_and_grad(loss))`` with respect to all parameters
+(injection, cell, head): forward + backward, no optimizer update. Inputs are Gaussian
+``(batch, in_features)`` and labels uniform; memory does not depend on the values.
+
+Memory is measured two ways, both reported per (method, depth):
+
+(a) **peak RSS in a fresh process** (``_common.peak_rss_in_subprocess`` running
+    :func:`measure_point`). The function builds the model and data, compiles the step
+    (ahead of time), releases freed heap memory to the OS (``malloc_trim``), then resets the
+    process's peak-RSS high-water mark (``/proc/self/clear_refs``) and runs the step once,
+    blocking on the gradients. So the transient memory of XLA *compilation* is excluded and
+    reported apart (``compile_peak_delta_mib``). Reported:
+
+    * ``peak_rss_delta_mib``: peak RSS during the step minus the RSS of the fresh process after
+      imports (parameters, data, the compiled executable and the step's buffers);
+    * ``exec_peak_delta_mib``: peak RSS during the step minus the RSS just before it (only what
+      executing the step allocated).
+
+(b) **XLA's compiled memory analysis** (``_common.xla_memory`` of the jitted step):
+    ``temp_size_in_bytes``, the scratch memory beyond inputs and outputs (activations, solver
+    state, adjoint state).
+
+Slopes: a least-squares line of memory against depth, in MiB per depth unit (per step/layer).
+The expectation tested (and reported, never asserted here): the DEQ's peak at the largest depth
+is at most 1.2x its peak at the smallest depth, while the unrolled net grows linearly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import deq
+import deq.nn
+
+from . import _common as C
+
+NAME = "memory"
+METHODS = ("deq", "unrolled")
+
+#: DEQ peak at the largest depth divided by its peak at the smallest depth must stay below this.
+TARGET_RATIO = 1.2
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+
+class TanhCell(nnx.Module):
+    """Cell ``z -> tanh(z W + u)``, ``||W||_2`` about 1 at init (smoke profile, or fallback)."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.width = width
+        self.lin = nnx.Linear(width, width, use_bias=False, rngs=rngs,
+                              kernel_init=nnx.initializers.normal(0.5 / np.sqrt(width)))
+
+    def init_state(self, x: jax.Array) -> jax.Array:
+        return jnp.zeros(x.shape[:-1] + (self.width,), x.dtype)
+
+    def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.tanh(self.lin(z) + x)
+
+
+def make_cell(width: int, rngs: nnx.Rngs, kind: str = "dense") -> tuple[nnx.Module, str]:
+    """The cell and its name: ``kind="dense"`` gives the library's ``DenseCell(width)`` (or
+    :class:`TanhCell` if ``deq.nn.cells`` lacks it), ``kind="tanh"`` gives :class:`TanhCell`."""
+    if kind not in ("dense", "tanh"):
+        raise ValueError(f"cell kind must be 'dense' or 'tanh', got {kind!r}")
+    if kind == "dense":
+        try:
+            from deq.nn.cells import DenseCell
+        except ImportError:
+            pass
+        else:
+            return DenseCell(width, rngs=rngs), "deq.nn.DenseCell"
+    return TanhCell(width, rngs=rngs), "TanhCell (z -> tanh(z W + u))"
+
+
+def build_step(method: str, width: int, batch: int, depth: int, *, cell: str = "dense",
+               in_features: int = 64, num_classes: int = 10, seed: int = 0):
+    """The jitted training step of one (method, depth) point and its arguments.
+
+    Returns:
+      ``(step, args, cell_name)``: ``step(*args) -> ((loss, num_steps), grads)``, where
+      ``num_steps`` is the per-sample forward step count (``depth`` for the unrolled net).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rngs = nnx.Rngs(seed)
+    inject = nnx.Linear(in_features, width, rngs=rngs)
+    cell, cell_name = make_cell(width, rngs, cell)
+    head = nnx.Linear(width, num_classes, rngs=rngs)
+    graphdef, params = nnx.split((inject, cell, head))
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.normal(kx, (batch, in_features), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, num_classes)
+    solver = deq.FixedPointIteration(rtol=0.0, atol=1e-30, max_steps=depth)
+    backward = deq.IFT(warn=False)
+
+    def loss_fn(params, x, y):
+        inject, cell, head = nnx.merge(graphdef, params)
+        u = inject(x)
+        if method == "deq":
+            sol = deq.nn.DEQ(cell, solver=solver, backward=backward)(u, return_solution=True)
+            z, steps = sol.value, sol.stats.num_steps
+        else:
+            cell_def, cell_state = nnx.split(cell)
+
+            def body(z, _):
+                return nnx.merge(cell_def, cell_state)(z, u), None
+
+            z, _ = jax.lax.scan(body, cell.init_state(u), None, length=depth)
+            steps = jnp.full((batch,), depth, jnp.int32)
+        logits = head(z)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)
+        return jnp.mean(nll), steps
+
+    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    return step, (params, x, y), cell_name
+
+
+# --------------------------------------------------------------------------
+# One measurement point (runs in a fresh process)
+# --------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> bool:
+    """Give freed heap memory back to the OS (glibc), so RSS reflects live memory."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_point(method: str, width: int, batch: int, depth: int, cell: str = "dense",
+                  seed: int = 0) -> dict[str, Any]:
+    """Build, compile and run one training step; meant for ``peak_rss_in_subprocess``.
+
+    The step is compiled ahead of time (``_common.xla_memory``, then the cached
+    ``lower().compile()``), freed heap memory is trimmed, the peak-RSS mark is reset, and the
+    compiled step runs once. Returns small JSON-able facts: XLA memory analysis, the forward
+    step counts, and RSS figures in KiB taken inside the process.
+    """
+    rss_start = _status_kib("VmRSS")
+    step, args, cell_name = build_step(method, width, batch, depth, cell=cell, seed=seed)
+    jax.block_until_ready(args)
+    rss_built = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    xla = C.xla_memory(step, *args)
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    gc.collect()
+    trimmed = _malloc_trim()
+    compile_hwm = _status_kib("VmHWM")
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    (loss, steps), grads = compiled(*args)
+    jax.block_until_ready(grads)
+    run_s = time.perf_counter() - t0
+    hwm_run = _status_kib("VmHWM")
+    steps = np.asarray(steps)
+    return {
+        "cell": cell_name,
+        "xla": xla,
+        "num_steps_min": int(steps.min()),
+        "num_steps_max": int(steps.max()),
+        "loss": float(loss),
+        "grad_finite": bool(all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))),
+        "rss_start_kib": rss_start,
+        "rss_built_kib": rss_built,
+        "compile_hwm_kib": compile_hwm,
+        "rss_before_step_kib": rss_before,
+        "hwm_step_kib": hwm_run,
+        "exec_peak_delta_kib": None if reset is False else hwm_run - rss_before,
+        "peak_reset_inside": reset,
+        "malloc_trim": trimmed,
+        "compile_s": compile_s,
+        "run_s": run_s,
+    }
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+
+
+def _slope(depths, values) -> float | None:
+    pts = [(d, v) for d, v in zip(depths, values) if v is not None]
+    if len(pts) < 2:
+        return None
+    d, v = np.array(pts, dtype=float).T
+    return float(np.polyfit(d, v, 1)[0])
+
+
+def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
+    width = C.pick(profile, smoke=16, quick=128, full=512)
+    batch = C.pick(profile, smoke=8, quick=512, full=512)
+    depths = C.pick(profile, smoke=[2, 5], quick=[10, 30, 100, 300], full=[10, 30, 100, 300])
+    # smoke checks the machinery only: the tanh cell compiles in a fraction of DenseCell's time.
+    cell = C.pick(profile, smoke="tanh", quick="dense", full="dense")
+    t_start = time.perf_counter()
+
+    points: list[dict[str, Any]] = []
+    for method in METHODS:
+        for depth in C.progress(depths, desc=method):
+            rep = C.peak_rss_in_subprocess(
+                "benchmarks.memory", "measure_point",
+                {"method": method, "width": width, "batch": batch, "depth": depth, "cell": cell, "seed": seed},
+                timeout=900,
+            )
+            res = rep["result"]
+            xla = res["xla"] or {}
+            temp = xla.get("temp_size_in_bytes")
+            points.append({
+                "method": method,
+                "depth": depth,
+                "num_steps_min": res["num_steps_min"],
+                "num_steps_max": res["num_steps_max"],
+                "steps_ok": res["num_steps_min"] == depth == res["num_steps_max"],
+                "peak_rss_delta_mib": rep["delta_mib"],
+                "peak_rss_mib": rep["peak_mib"],
+                "exec_peak_delta_mib": None if res["exec_peak_delta_kib"] is None else res["exec_peak_delta_kib"] / 1024,
+                "compile_peak_delta_mib": (res["compile_hwm_kib"] - rep["baseline_kib"]) / 1024,
+                "xla_temp_bytes": temp,
+                "xla_temp_mib": None if temp is None else temp / 2**20,
+                "xla": xla,
+                "hwm_reset": rep["hwm_reset"] and res["peak_reset_inside"],
+                "malloc_trim": res["malloc_trim"],
+                "loss": res["loss"],
+                "grad_finite": res["grad_finite"],
+                "compile_s": res["compile_s"],
+                "run_s": res["run_s"],
+                "rss_probe": {k: v for k, v in rep.items() if k != "result"},
+            })
+    cell_name = res["cell"]
+
+    summary: dict[str, Any] = {}
+    for method in METHODS:
+        rows = [p for p in points if p["method"] == method]
+        ds = [p["depth"] for p in rows]
+        entry = {
+            "slope_peak_rss_mib_per_depth": _slope(ds, [p["peak_rss_delta_mib"] for p in rows]),
+            "slope_exec_peak_mib_per_depth": _slope(ds, [p["exec_peak_delta_mib"] for p in rows]),
+            "slope_xla_temp_mib_per_depth": _slope(ds, [p["xla_temp_mib"] for p in rows]),
+        }
+        lo, hi = rows[0], rows[-1]
+        for key in ("peak_rss_delta_mib", "exec_peak_delta_mib", "xla_temp_mib"):
+            a, b = lo[key], hi[key]
+            entry[f"ratio_{key}_max_over_min_depth"] = None if not a or b is None else b / a
+        entry["all_steps_ok"] = all(p["steps_ok"] for p in rows)
+        summary[method] = entry
+    deq_s = summary["deq"]
+    ratios = [deq_s["ratio_peak_rss_delta_mib_max_over_min_depth"], deq_s["ratio_xla_temp_mib_max_over_min_depth"]]
+    summary["target"] = {
+        "statement": f"DEQ peak at depth {depths[-1]} <= {TARGET_RATIO}x its depth-{depths[0]} figure "
+                     "(both the fresh-process peak RSS delta and XLA temp bytes)",
+        "ratio_limit": TARGET_RATIO,
+        "held_peak_rss": ratios[0] is not None and ratios[0] <= TARGET_RATIO,
+        "held_xla_temp": ratios[1] is not None and ratios[1] <= TARGET_RATIO,
+    }
+    summary["target"]["held"] = summary["target"]["held_peak_rss"] and summary["target"]["held_xla_temp"]
+    # Activation floats of one (batch, width) array, for reading the unrolled slope.
+    summary["one_activation_mib"] = batch * width * 4 / 2**20
+    un = summary["unrolled"]["slope_xla_temp_mib_per_depth"]
+    summary["unrolled_xla_slope_in_activations_per_step"] = None if un is None else un / summary["one_activation_mib"]
+
+    wall = time.perf_counter() - t_start
+    payload = {
+        "benchmark": NAME,
+        "profile": profile,
+        "command": f"python -m benchmarks.memory --profile {profile}",
+        "settings": {
+            "width": width, "batch": batch, "depths": depths, "in_features": 64, "num_classes": 10,
+            "dtype": "float32", "seed": seed, "cell": cell_name,
+            "deq_solver": "FixedPointIteration(rtol=0, atol=1e-30, max_steps=depth)",
+            "deq_backward": "IFT(warn=False) (default adjoint solver: Anderson rtol=1e-4, atol=1e-6, max_steps=100, m=5)",
+            "unrolled": "jax.lax.scan of the same cell, `depth` steps, ordinary reverse-mode autodiff",
+            "step": "jax.jit(jax.value_and_grad(cross-entropy loss)) w.r.t. all parameters; no optimizer update",
+        },
+        "points": points,
+        "summary": summary,
+        "wall_time_s": wall,
+    }
+    path = C.save_json(out, NAME, payload)
+
+    C.print_table(
+        [{**p, "xla_temp_mib": p["xla_temp_mib"]} for p in points],
+        [("method", "method"), ("depth", "depth"), ("num_steps_max", "steps"),
+         ("peak_rss_delta_mib", "peak RSS delta [MiB]"), ("exec_peak_delta_mib", "exec peak [MiB]"),
+         ("compile_peak_delta_mib", "compile peak [MiB]"), ("xla_temp_mib", "XLA temp [MiB]"),
+         ("run_s", "run [s]")],
+        title=f"Peak memory of one training step ({profile}: width {width}, batch {batch}, cell {cell_name})",
+    )
+    C.print_table(
+        [{"method": m, **summary[m]} for m in METHODS],
+        [("method", "method"),
+         ("slope_peak_rss_mib_per_depth", "RSS slope [MiB/depth]"),
+         ("slope_xla_temp_mib_per_depth", "XLA slope [MiB/depth]"),
+         ("ratio_peak_rss_delta_mib_max_over_min_depth", f"RSS d{depths[-1]}/d{depths[0]}"),
+         ("ratio_xla_temp_mib_max_over_min_depth", f"XLA d{depths[-1]}/d{depths[0]}"),
+         ("all_steps_ok", "steps == depth")],
+        title=f"Growth with depth; target (DEQ ratio <= {TARGET_RATIO}) held: {summary['target']['held']}",
+    )
+    print(f"wrote {path}  ({wall:.1f} s)")
+
+    if not no_plot:
+        plt = C.pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        styles = {"deq": ("tab:blue", "o", "DEQ (IFT backward)"), "unrolled": ("tab:red", "s", "unrolled net (backprop)")}
+        for method in METHODS:
+            rows = [p for p in points if p["method"] == method]
+            ds = [p["depth"] for p in rows]
+            color, marker, label = styles[method]
+            axes[0].plot(ds, [p["peak_rss_delta_mib"] for p in rows], marker=marker, color=color,
+                         label=f"{label}: peak RSS delta")
+            if all(p["exec_peak_delta_mib"] is not None for p in rows):
+                axes[0].plot(ds, [p["exec_peak_delta_mib"] for p in rows], marker=marker, color=color,
+                             ls="--", mfc="none", label=f"{label}: step execution only")
+            axes[1].plot(ds, [p["xla_temp_mib"] for p in rows], marker=marker, color=color, label=label)
+        axes[0].set_title("(a) peak RSS in a fresh process")
+        axes[0].set_ylabel("memory above process baseline [MiB]")
+        axes[1].set_title("(b) XLA memory analysis: temp buffers")
+        axes[1].set_ylabel("temp_size_in_bytes [MiB]")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xlabel("effective depth K (forward solver steps / layers)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"One training step (forward + backward), width {width}, batch {batch}, float32, "
+                     f"{C.environment()['jax_backend']}", fontsize=10)
+        fig.tight_layout()
+        C.save_figure(fig, out, NAME)
+    return payload
+
+
+def main(argv=None) -> None:
+    parser = C.make_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    run(args.profile, args.seed, args.out, args.no_plot)
+
+
+if __name__ == "__main__":
+    main()
