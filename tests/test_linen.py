@@ -201,3 +201,16 @@ def test_bad_config():
 def test_docstring_examples():
     result = doctest.testmod(deq.linen._layer, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_eager_calls_reuse_the_compiled_solve():
+    from deq import _fixed_point
+
+    model = make_model()
+    x = make_x()
+    params = model.init(jax.random.key(0), x)
+    model.apply(params, x)
+    before = _fixed_point._impl_jit._cache_size()
+    model.apply(params, x + 1.0)
+    make_model().apply(params, x)  # a new module with the same configuration too
+    assert _fixed_point._impl_jit._cache_size() == before

@@ -2,8 +2,11 @@
 
 `DEQ` wraps any `nnx.Module` cell `cell(z, x) -> z` into a layer returning the fixed point
 `z* = cell(z*, x)`; `SolverConstant` marks non-trainable buffers a cell may read during the
-solve; `solution_info` summarises a solve's statistics. Cells and models built on `DEQ` live in
-`deq.nn.cells` and `deq.nn.models` and are re-exported here.
+solve; `solution_info` summarises a solve's statistics as batch means.
+
+The public names of `deq.nn.cells`, `deq.nn.models`, `deq.nn.normalization` and
+`deq.nn.contractive` (cells, models, normalised and contractive layers built on `DEQ`) are
+re-exported here; a submodule that does not exist is skipped, any other import error is raised.
 """
 
 import importlib as _importlib
@@ -25,14 +28,18 @@ def _optional(name):
         return None
 
 
-if _optional("cells") is not None:
-    from .cells import *  # noqa: F401,F403
-    from . import cells as _cells
+def _reexport(name):
+    """`from .<name> import *` (its `__all__`, else its public names), if the module exists."""
+    module = _optional(name)
+    if module is None:
+        return
+    public = getattr(module, "__all__", None)
+    if public is None:
+        public = [n for n in vars(module) if not n.startswith("_")]
+    globals().update({n: getattr(module, n) for n in public})
+    __all__.extend(n for n in public if n not in __all__)
 
-    __all__ += [n for n in getattr(_cells, "__all__", []) if n not in __all__]
 
-if _optional("models") is not None:
-    from .models import *  # noqa: F401,F403
-    from . import models as _models
-
-    __all__ += [n for n in getattr(_models, "__all__", []) if n not in __all__]
+for _name in ("cells", "models", "normalization", "contractive"):
+    _reexport(_name)
+del _name
