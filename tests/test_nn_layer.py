@@ -156,11 +156,12 @@ def test_ift_gradients_match_long_unrolled_solve():
 def test_grad_through_model_containing_deq():
     class Model(nnx.Module):
         def __init__(self, rngs):
+            self.encoder = nnx.Linear(3, 3, dtype=F64, param_dtype=F64, rngs=rngs)
             self.deq = deq.nn.DEQ(Cell(3, 8, rngs=rngs), solver=TIGHT, backward=TIGHT_IFT)
             self.head = nnx.Linear(8, 1, dtype=F64, param_dtype=F64, rngs=rngs)
 
         def __call__(self, x):
-            sol = self.deq(x, return_solution=True)
+            sol = self.deq(self.encoder(x), return_solution=True)
             return self.head(sol.value), deq.nn.solution_info(sol)
 
     model = Model(nnx.Rngs(0))
@@ -171,8 +172,8 @@ def test_grad_through_model_containing_deq():
         return jnp.mean(y**2), info
 
     (_, info), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-    g = grads["deq"]["cell"]
-    for leaf in jax.tree_util.tree_leaves(g):
+    # gradients reach the cell's parameters, and the encoder upstream of the DEQ through x
+    for leaf in jax.tree_util.tree_leaves((grads["deq"]["cell"], grads["encoder"])):
         assert float(jnp.abs(leaf).max()) > 0
     assert float(info["converged_frac"]) == 1.0
     # same gradient from a finite difference along a random direction of the cell's params

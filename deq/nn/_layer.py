@@ -151,7 +151,7 @@ class _CellMap:
         if after[1] != before[1]:
             raise _CellStateError(
                 f"DEQ: the cell {type(cell).__name__} added or removed variables while being "
-                f"evaluated inside the solve. {_ADVICE_OTHER}"
+                f"evaluated inside the solve (e.g. with sow / nnx.Intermediate). {_ADVICE_CACHE}"
             )
         changed = [_path_str(p) for (p, a), (_, b) in zip(before[0], after[0]) if a is not b]
         if changed:
