@@ -58,7 +58,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     rtol, atol, max_steps = solver.rtol, solver.atol, solver.max_steps
     B = x0.shape[0]
     fx0 = F(x0)
-    res0 = row_norm(fx0 - x0)
+    res0 = jax.lax.stop_gradient(row_norm(fx0 - x0))
     finite0 = jnp.isfinite(res0)
     conv0 = finite0 & (res0 <= atol + rtol * row_norm(fx0))
     history = jnp.full((B, max_steps + 1), jnp.nan, dtype=res0.dtype).at[:, 0].set(res0)
@@ -79,7 +79,8 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
 
     def body(c: _Carry) -> _Carry:
         x_new, fx_new, state_new = solver.step(F, c.x, c.fx, c.state, c.active)
-        res = row_norm(fx_new - x_new)
+        # Residuals steer the loop; they are not differentiated (sqrt has no derivative at 0).
+        res = jax.lax.stop_gradient(row_norm(fx_new - x_new))
         finite = jnp.isfinite(res)
         upd = c.active & finite
         conv = upd & (res <= atol + rtol * row_norm(fx_new))

@@ -108,9 +108,18 @@ class Anderson(AbstractSolver):
         scale = jnp.where(scale > 0, scale, 1.0)
         A = jnp.where(both, gram / scale[:, None, None], 0.0)
         A = A + jax.vmap(jnp.diag)(jnp.where(valid, self.ridge, 1.0).astype(A.dtype))
-        y = jnp.linalg.solve(A, valid.astype(A.dtype)[:, :, None])[:, :, 0]
-        alpha = y / jnp.sum(y, axis=1, keepdims=True)
+        rhs = valid.astype(A.dtype)[:, :, None]
+
+        def weights(A):
+            y = jnp.linalg.solve(A, rhs)[:, :, 0]
+            return y / jnp.sum(y, axis=1, keepdims=True)
+
+        alpha = jax.lax.stop_gradient(weights(A))
         ok = jnp.all(jnp.isfinite(alpha), axis=1) & (jnp.max(jnp.abs(alpha), axis=1) <= self.max_coefficient)
+        # Solve again on a system made safe where the check failed, so that differentiating
+        # through the weights (backward=deq.Unrolled()) never meets a singular solve.
+        eye = jnp.eye(self.history_size, dtype=A.dtype)
+        alpha = weights(jnp.where(ok[:, None, None], A, jnp.broadcast_to(eye, A.shape)))
         return jnp.where(ok[:, None], alpha, 0.0), ok
 
     def step(self, F, x, fx, state, active):
@@ -124,7 +133,7 @@ class Anderson(AbstractSolver):
         x_new = jnp.where((ok & active)[:, None], x_aa, jnp.where(active[:, None], x_fp, x))
         fx_new = F(x_new)
         g_new = fx_new - x_new
-        r_new = jnp.sqrt(jnp.sum(g_new * g_new, axis=1))
+        r_new = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(g_new * g_new, axis=1)))
         r_new = jnp.where(jnp.isfinite(r_new), r_new, jnp.inf)
         # Track the lowest residual; restart from it on growth or stagnation.
         improved = r_new < 0.99 * best_r
