@@ -98,8 +98,8 @@ class TrainConfig:
         key given to `aux_loss_fn` at step `s` is `fold_in(key(seed), s)`.
       jacobian_reg: weight of the extra loss `aux_loss_fn(model, x, key)` passed to `fit`
         (e.g. a Jacobian Frobenius-norm estimate); 0 turns it off.
-      log_dir: directory for `metrics.jsonl` (one JSON record per step and per evaluation)
-        and TensorBoard files; None = no files.
+      log_dir: directory for `metrics.jsonl` (one JSON record per step and per evaluation,
+        rewritten by each `fit` call from its history) and TensorBoard files; None = no files.
       checkpoint_dir: directory of orbax checkpoints; `fit` resumes from the latest one found
         there. None = no checkpoints.
       checkpoint_every: save a checkpoint every this many steps (and at the end of the run).
@@ -994,7 +994,8 @@ def fit(
         `config.jacobian_reg` (required when that is > 0, ignored when it is 0), e.g. a
         Jacobian Frobenius-norm estimate for DEQs. Must be hashable (a function, not a lambda
         re-created each call, to avoid recompiling).
-      resume: whether to resume from the latest checkpoint in `config.checkpoint_dir`.
+      resume: resume from the latest checkpoint in `config.checkpoint_dir` (True), or start
+        from scratch and DELETE the checkpoints already there (False).
       mesh: data-parallel mesh (default `make_mesh()`: all devices).
 
     Returns:
@@ -1052,6 +1053,9 @@ def fit(
             meta = _restore(manager, manager.latest_step(), model, optimizer)
             _check_resume(meta, config, num_train)
             history, start = History.from_dict(meta["history"]), int(meta["step"])
+        elif manager is not None:
+            for old_step in manager.all_steps():  # orbax would silently keep a stale step
+                manager.delete(old_step)
         history.start_step = start
         logger = _Logger(config, history, start)
         bar = _progress_bar(config, total, start)
@@ -1079,7 +1083,7 @@ def fit(
             x_train, y_train, config.batch_size, seed=config.seed, start_step=start, total_steps=total
         ):
             xb, yb = shard_batch((xb, yb), mesh)
-            key = jax.random.fold_in(base_key, index)
+            key = None if aux is None else jax.random.fold_in(base_key, index)
             t0 = time.perf_counter()
             metrics = jax.block_until_ready(
                 step_fn(xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)

@@ -273,9 +273,8 @@ def test_fit_matches_manual_loop(ds):
     mesh = make_mesh()
     opt = replicate(nnx.Optimizer(replicate(b, mesh), make_optimizer(config), wrt=nnx.Param), mesh)
     losses = []
-    for step, _, xb, yb in batch_stream(ds.x_train, ds.y_train, 16, seed=5, total_steps=12):
-        key = jax.random.fold_in(jax.random.key(5), step)
-        losses.append(float(train_step(b, opt, *shard_batch((xb, yb), mesh), key)["loss"]))
+    for _, _, xb, yb in batch_stream(ds.x_train, ds.y_train, 16, seed=5, total_steps=12):
+        losses.append(float(train_step(b, opt, *shard_batch((xb, yb), mesh))["loss"]))
     np.testing.assert_allclose(h.metric("loss"), losses, rtol=1e-6)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7), params_of(a), params_of(b))
 
@@ -390,7 +389,9 @@ def test_resume_after_kill_matches_uninterrupted_run(ds, tmp_path):
     other = cfg(seed=2, checkpoint_dir=str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match="seed"):
         fit(make(), ds, other)
-    assert fit(make(), ds, other, resume=False).start_step == 0
+    restarted = fit(make(), ds, other, resume=False)  # deletes the old checkpoints
+    assert restarted.start_step == 0
+    assert restore_checkpoint(tmp_path / "ckpt", MLP(dropout=0.2, rngs=nnx.Rngs(9)))["config"]["seed"] == 2
 
 
 def test_mesh_helpers_single_device():
