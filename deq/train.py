@@ -15,7 +15,8 @@ devices: the batch is sharded on a `"data"` mesh axis and parameters are replica
 What is recorded per training step: `loss` (cross-entropy), `accuracy`, `grad_norm`, `lr`,
 `step_time` (wall seconds, after `block_until_ready`; the first step of a `fit` call includes
 compilation), `aux_loss` when an extra loss is active, and every entry of the model's `info`
-(forward solver steps, final residual, ...). Backward (adjoint) solver statistics are recorded
+(forward solver steps, final residual, ...; an entry named like one of these fields is recorded
+as `model_<name>`). Backward (adjoint) solver statistics are recorded
 only if the model puts them in `info` (e.g. as `backward_steps`): the core's implicit-function
 backward runs inside a custom VJP and returns no statistics, so there is nothing else to record.
 """
@@ -64,6 +65,11 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
+# Record keys set by the trainer; a model info entry with one of these names gets a "model_" prefix.
+_RESERVED = frozenset({
+    "kind", "step", "epoch", "loss", "accuracy", "grad_norm", "aux_loss", "lr", "step_time",
+    "eval_time", "loss_sum", "correct_sum", "count",
+})
 # Config fields that change the trajectory: a resumed run must use the same values.
 _TRAJECTORY_FIELDS = (
     "learning_rate", "weight_decay", "warmup_steps", "total_steps", "epochs", "clip_norm",
@@ -355,7 +361,10 @@ def _call_model(model, x):
             f"{type(out).__name__}. Return e.g. (logits, {{}}) from an explicit network."
         )
     logits, info = out
-    return logits, {str(k): jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in info.items()}
+    return logits, {
+        (f"model_{k}" if str(k) in _RESERVED else str(k)): jnp.mean(jnp.asarray(v, jnp.float32))
+        for k, v in info.items()
+    }
 
 
 def _loss(model, x, y, key, aux_loss_fn, aux_weight):

@@ -244,6 +244,14 @@ def test_evaluate_pads_last_batch_exactly(ds):
     assert out["depth"] == pytest.approx(2.0)
     assert evaluate(model, x, y, 40)["loss"] == pytest.approx(want_loss, rel=1e-5)
 
+    class Clash(MLP):  # an info entry named like a trainer field is kept, renamed
+        def __call__(self, x):
+            logits, _ = super().__call__(x)
+            return logits, {"loss": 7.0}
+
+    out = evaluate(Clash(rngs=nnx.Rngs(1)), x, y, 40)
+    assert out["model_loss"] == 7.0 and out["loss"] == pytest.approx(want_loss, rel=1e-5)
+
 
 # ----------------------------------------------------------------------------- fit
 
