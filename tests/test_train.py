@@ -344,6 +344,12 @@ def test_jsonl_and_tensorboard_logs(ds, tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+def test_tensorboard_missing_is_a_clear_error(ds, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tensorboardX", None)  # import now fails
+    with pytest.raises(ImportError, match="pip install tensorboardX"):
+        fit(MLP(rngs=nnx.Rngs(0)), ds, cfg(log_dir=str(tmp_path), tensorboard=True))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
