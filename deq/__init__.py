@@ -19,5 +19,20 @@ from .solvers import AbstractSolver as AbstractSolver
 from .solvers import Anderson as Anderson
 from .solvers import Broyden as Broyden
 from .solvers import FixedPointIteration as FixedPointIteration
+from .solvers.fallback import Fallback as Fallback
+from .interop import JaxoptSolver as JaxoptSolver
+from .regularize import correction_loss as correction_loss
+from .regularize import fixed_point_correction as fixed_point_correction
+from .regularize import jacobian_frobenius as jacobian_frobenius
+from .regularize import jacobian_penalty as jacobian_penalty
+from .certify import Certificate as Certificate
+from .certify import certify as certify
+from .certify import certify_estimate as certify_estimate
+from .certify import lipschitz_estimate as lipschitz_estimate
+from .certify import spectral_radius_estimate as spectral_radius_estimate
+from . import data as data
+from . import monotone as monotone
+from . import nn as nn
+from . import linen as linen
 
 __version__ = "0.1.0"
