@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import warnings
 from typing import Any, Callable
 
@@ -17,7 +18,9 @@ class NonConvergenceWarning(RuntimeWarning):
     """Warned when a backward (adjoint) solve did not reach its tolerance.
 
     Turn it into an error with ``warnings.simplefilter("error", deq.NonConvergenceWarning)``, or
-    pass ``throw=True`` to `deq.fixed_point` to raise from compiled code.
+    pass ``throw=True`` to `deq.fixed_point` to raise from compiled code. To keep training logs
+    readable only the first few (`deq.backward._base.WARN_LIMIT`) are shown unless a filter asks
+    for ``"always"`` or ``"error"``.
     """
 
 
@@ -47,6 +50,35 @@ def _message(what: str, steps, residual, converged) -> str:
     )
 
 
+# How many non-convergence warnings of each kind were shown: after WARN_LIMIT of them the rest are
+# dropped (training loops would otherwise flood stderr, since each message has new numbers),
+# unless the user asked to see all ("always") or to fail ("error").
+WARN_LIMIT = 5
+_shown: collections.Counter = collections.Counter()
+
+
+def _user_wants_all() -> bool:
+    return any(
+        action in ("always", "error") and issubclass(NonConvergenceWarning, category)
+        for action, _, category, _, _ in warnings.filters
+    )
+
+
+def _warn(what: str, msg: str) -> None:
+    if _user_wants_all():
+        warnings.warn(msg, NonConvergenceWarning, stacklevel=3)
+        return
+    _shown[what] += 1
+    if _shown[what] > WARN_LIMIT:
+        return
+    if _shown[what] == WARN_LIMIT:
+        msg += (
+            f" (This is the last of {WARN_LIMIT} such warnings; see them all with "
+            "warnings.simplefilter('always', deq.NonConvergenceWarning).)"
+        )
+    warnings.warn(msg, NonConvergenceWarning, stacklevel=3)
+
+
 def report(what: str, out: LoopOutput, *, throw: bool, warn: bool) -> None:
     """Raise (`throw`) or warn (`warn`) from compiled code if any sample of `out` did not converge."""
     if not (throw or warn):
@@ -58,7 +90,7 @@ def report(what: str, out: LoopOutput, *, throw: bool, warn: bool) -> None:
         msg = _message(what, steps, residual, converged)
         if throw:
             raise RuntimeError(msg)
-        warnings.warn(msg, NonConvergenceWarning, stacklevel=2)
+        _warn(what, msg)
 
     jax.debug.callback(callback, out.num_steps, out.residual, out.converged)
 
