@@ -5,21 +5,26 @@ Run ``python -m benchmarks.memory --profile smoke|quick|full`` (``--out DIR``, `
 
 Model (both methods share it, seeded identically)::
 
-    u = x A + a                     (injection, nnx.Linear(in_features -> width))
+    u = encoder(x)                  (input injection, nnx.Linear(in_features -> width))
     z_{k+1} = cell(z_k, u)          (the same cell at every step, z_0 = cell.init_state(u))
-    loss = cross_entropy(z_K H + h, y)
+    loss = cross_entropy(head(z_K), y)   (head: nnx.Linear(width -> 10))
 
-``cell`` is the library's ``deq.nn.DenseCell(width)`` (weight-normalised W1, W2, three
-LayerNorms, skip) in the quick and full profiles, and a self-contained ``z -> tanh(z W + u)``
-cell in the smoke profile (it compiles several times faster; smoke only checks the machinery)
-or when ``deq.nn.cells`` is missing. ``settings.cell`` in the JSON says which one ran.
+The model is the library's ``deq.nn.models.DEQClassifier(in_features, width, 10)`` (encoder,
+DEQ layer around a ``DenseCell(width)``: weight-normalised W1, W2, three LayerNorms, skip; and
+head) in the quick and full profiles. The smoke profile uses the same layout around a
+self-contained ``z -> tanh(z W + u)`` cell, which compiles several times faster (smoke only
+checks the machinery). ``settings.cell`` in the JSON says which one ran.
 
-* ``deq``: ``deq.nn.DEQ(cell, solver=FixedPointIteration(rtol=0, atol=1e-30, max_steps=K),
-  backward=IFT(warn=False))``. With these tolerances the stopping test
+* ``deq``: the model's DEQ layer, built with ``solver=FixedPointIteration(rtol=0, atol=1e-30,
+  max_steps=K)`` and ``backward=IFT(warn=False)``. With these tolerances the stopping test
   ``||f(z) - z|| <= atol + rtol ||f(z)||`` can only pass at an exactly zero residual, so the
-  forward solve runs exactly ``K`` steps: ``K`` is the DEQ's *effective depth*. The number of
-  steps the solver actually took is returned by the solve (``stats.num_steps``, per sample) and
-  reported (``num_steps_min/max``, ``steps_ok``). The backward pass is the implicit function
+  forward solve runs exactly ``K`` steps: ``K`` is the DEQ's *effective depth*. The layer solves
+  the whole batch as one problem (``batch_axis=None``): with per-sample stopping
+  (``batch_axis=0``, the classifier's default) the iterates of some samples of this contractive
+  cell become *exactly* stationary in float32 after ~40 steps, which passes even this test and
+  freezes them early (the loop itself still runs ``K`` times for the others; measured:
+  ``num_steps`` min 43, max 300 at ``K = 300``). The number of steps the solver took is returned
+  by the solve (``stats.num_steps``) and reported (``num_steps_min/max``, ``steps_ok``). The backward pass is the implicit function
   theorem (adjoint fixed point with the default Anderson adjoint solver), so nothing of the
   forward iterations is stored.
 * ``unrolled``: the explicit net ``z_K = cell(...cell(cell(z_0, u), u)..., u)`` written as a
@@ -55,8 +60,11 @@ is at most 1.2x its peak at the smallest depth, while the unrolled net grows lin
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import gc
+import os
+import resource
 import time
 from typing import Any
 
@@ -84,7 +92,7 @@ TARGET_RATIO = 1.2
 
 
 class TanhCell(nnx.Module):
-    """Cell ``z -> tanh(z W + u)``, ``||W||_2`` about 1 at init (smoke profile, or fallback)."""
+    """Cell ``z -> tanh(z W + u)`` with ``W ~ N(0, 0.25 / width)`` (smoke profile only)."""
 
     def __init__(self, width: int, *, rngs: nnx.Rngs):
         self.width = width
@@ -98,24 +106,44 @@ class TanhCell(nnx.Module):
         return jnp.tanh(self.lin(z) + x)
 
 
-def make_cell(width: int, rngs: nnx.Rngs, kind: str = "dense") -> tuple[nnx.Module, str]:
-    """The cell and its name: ``kind="dense"`` gives the library's ``DenseCell(width)`` (or
-    :class:`TanhCell` if ``deq.nn.cells`` lacks it), ``kind="tanh"`` gives :class:`TanhCell`."""
-    if kind not in ("dense", "tanh"):
-        raise ValueError(f"cell kind must be 'dense' or 'tanh', got {kind!r}")
-    if kind == "dense":
-        try:
-            from deq.nn.cells import DenseCell
-        except ImportError:
-            pass
-        else:
-            return DenseCell(width, rngs=rngs), "deq.nn.DenseCell"
-    return TanhCell(width, rngs=rngs), "TanhCell (z -> tanh(z W + u))"
+class TanhDEQClassifier(nnx.Module):
+    """``DEQClassifier``'s layout (``encoder``, ``deq``, ``head``) around a :class:`TanhCell`."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, *, rngs: nnx.Rngs,
+                 solver, backward):
+        self.encoder = nnx.Linear(in_features, hidden, rngs=rngs)
+        self.deq = deq.nn.DEQ(TanhCell(hidden, rngs=rngs), solver=solver, backward=backward)
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+
+def make_model(cell: str, width: int, *, in_features: int, num_classes: int, solver, backward,
+               rngs: nnx.Rngs) -> tuple[nnx.Module, str]:
+    """The classifier (``encoder`` -> ``deq`` layer -> ``head``) and a description of its cell.
+
+    ``cell="dense"``: the library's ``deq.nn.models.DEQClassifier(in_features, width,
+    num_classes)`` (a ``DenseCell(width)`` with its default ``init_scale``);
+    ``cell="tanh"``: :class:`TanhDEQClassifier`.
+    """
+    if cell == "dense":
+        from deq.nn.models import DEQClassifier
+
+        model = DEQClassifier(in_features, width, num_classes, rngs=rngs, solver=solver, backward=backward)
+        return model, "deq.nn.models.DEQClassifier (DenseCell)"
+    if cell == "tanh":
+        model = TanhDEQClassifier(in_features, width, num_classes, rngs=rngs, solver=solver, backward=backward)
+        return model, "TanhDEQClassifier (z -> tanh(z W + u))"
+    raise ValueError(f"cell must be 'dense' or 'tanh', got {cell!r}")
 
 
 def build_step(method: str, width: int, batch: int, depth: int, *, cell: str = "dense",
                in_features: int = 64, num_classes: int = 10, seed: int = 0):
     """The jitted training step of one (method, depth) point and its arguments.
+
+    Both methods use the same model (same seed, same parameters): ``deq`` calls its DEQ layer,
+    ``unrolled`` applies the layer's cell ``depth`` times under ``jax.lax.scan`` (the library's
+    ``UnrolledClassifier`` is the same net written as a Python loop, whose compile time grows
+    with the depth; the scan keeps the program size constant and the stored activations
+    identical).
 
     Returns:
       ``(step, args, cell_name)``: ``step(*args) -> ((loss, num_steps), grads)``, where
@@ -123,32 +151,33 @@ def build_step(method: str, width: int, batch: int, depth: int, *, cell: str = "
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    rngs = nnx.Rngs(seed)
-    inject = nnx.Linear(in_features, width, rngs=rngs)
-    cell, cell_name = make_cell(width, rngs, cell)
-    head = nnx.Linear(width, num_classes, rngs=rngs)
-    graphdef, params = nnx.split((inject, cell, head))
+    solver = deq.FixedPointIteration(rtol=0.0, atol=1e-30, max_steps=depth)
+    backward = deq.IFT(warn=False)
+    model, cell_name = make_model(cell, width, in_features=in_features, num_classes=num_classes,
+                                  solver=solver, backward=backward, rngs=nnx.Rngs(seed))
+    # One problem over the whole batch (see the module docstring): its residual is exactly zero
+    # only if every entry of every sample is stationary, so the solve runs all `depth` steps.
+    model.deq = deq.nn.DEQ(model.deq.cell, solver=solver, backward=backward, batch_axis=None)
+    graphdef, params = nnx.split(model)
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     x = jax.random.normal(kx, (batch, in_features), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, num_classes)
-    solver = deq.FixedPointIteration(rtol=0.0, atol=1e-30, max_steps=depth)
-    backward = deq.IFT(warn=False)
 
     def loss_fn(params, x, y):
-        inject, cell, head = nnx.merge(graphdef, params)
-        u = inject(x)
+        model = nnx.merge(graphdef, params)
+        u = model.encoder(x)
         if method == "deq":
-            sol = deq.nn.DEQ(cell, solver=solver, backward=backward)(u, return_solution=True)
-            z, steps = sol.value, sol.stats.num_steps
+            sol = model.deq(u, return_solution=True)
+            z, steps = sol.value, jnp.full((batch,), sol.stats.num_steps, jnp.int32)
         else:
-            cell_def, cell_state = nnx.split(cell)
+            cell_def, cell_state = nnx.split(model.deq.cell)
 
             def body(z, _):
                 return nnx.merge(cell_def, cell_state)(z, u), None
 
-            z, _ = jax.lax.scan(body, cell.init_state(u), None, length=depth)
+            z, _ = jax.lax.scan(body, model.deq.cell.init_state(u), None, length=depth)
             steps = jnp.full((batch,), depth, jnp.int32)
-        logits = head(z)
+        logits = model.head(z)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)
         return jnp.mean(nll), steps
 
@@ -242,6 +271,12 @@ def measure_point(method: str, width: int, batch: int, depth: int, cell: str = "
 # --------------------------------------------------------------------------
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the probes)."""
+    self_, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _slope(depths, values) -> float | None:
     pts = [(d, v) for d, v in zip(depths, values) if v is not None]
     if len(pts) < 2:
@@ -250,46 +285,55 @@ def _slope(depths, values) -> float | None:
     return float(np.polyfit(d, v, 1)[0])
 
 
-def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
+def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str, Any]:
     width = C.pick(profile, smoke=16, quick=128, full=512)
     batch = C.pick(profile, smoke=8, quick=512, full=512)
     depths = C.pick(profile, smoke=[2, 5], quick=[10, 30, 100, 300], full=[10, 30, 100, 300])
     # smoke checks the machinery only: the tanh cell compiles in a fraction of DenseCell's time.
     cell = C.pick(profile, smoke="tanh", quick="dense", full="dense")
-    t_start = time.perf_counter()
+    t_start, cpu_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
+
+    grid = [(method, depth) for method in METHODS for depth in depths]
+
+    def probe(point):
+        method, depth = point
+        return C.peak_rss_in_subprocess(
+            "benchmarks.memory", "measure_point",
+            {"method": method, "width": width, "batch": batch, "depth": depth, "cell": cell, "seed": seed},
+            timeout=900,
+        )
+
+    # Each point is its own process with its own peak-RSS mark, so running `jobs` of them at
+    # once changes no figure (only wall time); `--jobs 1` runs them one after another.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        reports = list(C.progress(pool.map(probe, grid), total=len(grid), desc="points"))
 
     points: list[dict[str, Any]] = []
-    for method in METHODS:
-        for depth in C.progress(depths, desc=method):
-            rep = C.peak_rss_in_subprocess(
-                "benchmarks.memory", "measure_point",
-                {"method": method, "width": width, "batch": batch, "depth": depth, "cell": cell, "seed": seed},
-                timeout=900,
-            )
-            res = rep["result"]
-            xla = res["xla"] or {}
-            temp = xla.get("temp_size_in_bytes")
-            points.append({
-                "method": method,
-                "depth": depth,
-                "num_steps_min": res["num_steps_min"],
-                "num_steps_max": res["num_steps_max"],
-                "steps_ok": res["num_steps_min"] == depth == res["num_steps_max"],
-                "peak_rss_delta_mib": rep["delta_mib"],
-                "peak_rss_mib": rep["peak_mib"],
-                "exec_peak_delta_mib": None if res["exec_peak_delta_kib"] is None else res["exec_peak_delta_kib"] / 1024,
-                "compile_peak_delta_mib": (res["compile_hwm_kib"] - rep["baseline_kib"]) / 1024,
-                "xla_temp_bytes": temp,
-                "xla_temp_mib": None if temp is None else temp / 2**20,
-                "xla": xla,
-                "hwm_reset": rep["hwm_reset"] and res["peak_reset_inside"],
-                "malloc_trim": res["malloc_trim"],
-                "loss": res["loss"],
-                "grad_finite": res["grad_finite"],
-                "compile_s": res["compile_s"],
-                "run_s": res["run_s"],
-                "rss_probe": {k: v for k, v in rep.items() if k != "result"},
-            })
+    for (method, depth), rep in zip(grid, reports):
+        res = rep["result"]
+        xla = res["xla"] or {}
+        temp = xla.get("temp_size_in_bytes")
+        points.append({
+            "method": method,
+            "depth": depth,
+            "num_steps_min": res["num_steps_min"],
+            "num_steps_max": res["num_steps_max"],
+            "steps_ok": res["num_steps_min"] == depth == res["num_steps_max"],
+            "peak_rss_delta_mib": rep["delta_mib"],
+            "peak_rss_mib": rep["peak_mib"],
+            "exec_peak_delta_mib": None if res["exec_peak_delta_kib"] is None else res["exec_peak_delta_kib"] / 1024,
+            "compile_peak_delta_mib": (res["compile_hwm_kib"] - rep["baseline_kib"]) / 1024,
+            "xla_temp_bytes": temp,
+            "xla_temp_mib": None if temp is None else temp / 2**20,
+            "xla": xla,
+            "hwm_reset": rep["hwm_reset"] and res["peak_reset_inside"],
+            "malloc_trim": res["malloc_trim"],
+            "loss": res["loss"],
+            "grad_finite": res["grad_finite"],
+            "compile_s": res["compile_s"],
+            "run_s": res["run_s"],
+            "rss_probe": {k: v for k, v in rep.items() if k != "result"},
+        })
     cell_name = res["cell"]
 
     summary: dict[str, Any] = {}
@@ -323,14 +367,15 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     summary["unrolled_xla_slope_in_activations_per_step"] = None if un is None else un / summary["one_activation_mib"]
 
     wall = time.perf_counter() - t_start
+    cpu = cpu_seconds() - cpu_start
     payload = {
         "benchmark": NAME,
         "profile": profile,
         "command": f"python -m benchmarks.memory --profile {profile}",
         "settings": {
             "width": width, "batch": batch, "depths": depths, "in_features": 64, "num_classes": 10,
-            "dtype": "float32", "seed": seed, "cell": cell_name,
-            "deq_solver": "FixedPointIteration(rtol=0, atol=1e-30, max_steps=depth)",
+            "dtype": "float32", "seed": seed, "cell": cell_name, "jobs": jobs,
+            "deq_solver": "FixedPointIteration(rtol=0, atol=1e-30, max_steps=depth), batch_axis=None",
             "deq_backward": "IFT(warn=False) (default adjoint solver: Anderson rtol=1e-4, atol=1e-6, max_steps=100, m=5)",
             "unrolled": "jax.lax.scan of the same cell, `depth` steps, ordinary reverse-mode autodiff",
             "step": "jax.jit(jax.value_and_grad(cross-entropy loss)) w.r.t. all parameters; no optimizer update",
@@ -338,6 +383,8 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
         "points": points,
         "summary": summary,
         "wall_time_s": wall,
+        "cpu_time_s": cpu,
+        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
     }
     path = C.save_json(out, NAME, payload)
 
@@ -359,7 +406,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
          ("all_steps_ok", "steps == depth")],
         title=f"Growth with depth; target (DEQ ratio <= {TARGET_RATIO}) held: {summary['target']['held']}",
     )
-    print(f"wrote {path}  ({wall:.1f} s)")
+    print(f"wrote {path}  ({wall:.1f} s wall, {cpu:.1f} s CPU, load average {os.getloadavg()[0]:.1f})")
 
     if not no_plot:
         plt = C.pyplot()
@@ -374,7 +421,9 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
             if all(p["exec_peak_delta_mib"] is not None for p in rows):
                 axes[0].plot(ds, [p["exec_peak_delta_mib"] for p in rows], marker=marker, color=color,
                              ls="--", mfc="none", label=f"{label}: step execution only")
-            axes[1].plot(ds, [p["xla_temp_mib"] for p in rows], marker=marker, color=color, label=label)
+            slope = summary[method]["slope_xla_temp_mib_per_depth"]
+            axes[1].plot(ds, [p["xla_temp_mib"] for p in rows], marker=marker, color=color,
+                         label=label if slope is None else f"{label}: slope {slope:.3g} MiB/depth")
         axes[0].set_title("(a) peak RSS in a fresh process")
         axes[0].set_ylabel("memory above process baseline [MiB]")
         axes[1].set_title("(b) XLA memory analysis: temp buffers")
@@ -393,8 +442,10 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
 
 def main(argv=None) -> None:
     parser = C.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="measurement processes run at the same time (each point is its own process)")
     args = parser.parse_args(argv)
-    run(args.profile, args.seed, args.out, args.no_plot)
+    run(args.profile, args.seed, args.out, args.no_plot, args.jobs)
 
 
 if __name__ == "__main__":
