@@ -20,6 +20,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# ----------------------------------------------------------------------------- shared configs
+#
+# Solver configurations are static (hashed) arguments of the compiled solve: tests that share
+# the same map, shapes and configuration share one compilation. Reuse these where possible.
+
+TIGHT = dict(rtol=0.0, atol=1e-12, max_steps=1000)
+"""Tight float64 tolerances; max_steps is large enough for plain iteration at contraction 0.95."""
+
+N = 6
+"""State size of the shared linear problems."""
+
+CELL_N, CELL_D = 5, 3
+"""State and input sizes of the shared tanh cell."""
+
+
+def solvers(**kw) -> dict:
+    """Every forward solver (Broyden with and without line search) with the same tolerances."""
+    import deq
+
+    return {
+        "iteration": deq.FixedPointIteration(**kw),
+        "anderson": deq.Anderson(**kw),
+        "broyden": deq.Broyden(**kw),
+        "broyden_ls": deq.Broyden(line_search=True, **kw),
+    }
+
+
 # ----------------------------------------------------------------------------- matrices
 
 
@@ -242,3 +269,53 @@ def random_like(seed: int, tree: Any):
 def central_difference(fun, x, v, eps: float = 1e-5) -> float:
     """(fun(x + eps v) - fun(x - eps v)) / (2 eps): the derivative of `fun` at `x` along `v`."""
     return float((fun(tree_axpy(eps, v, x)) - fun(tree_axpy(-eps, v, x))) / (2 * eps))
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def tanh_cell_solve_np(cell: TanhCell, iters: int = 400) -> np.ndarray:
+    """The fixed point of an (unbatched) contractive tanh cell by plain iteration in numpy."""
+    p = cell.params
+    shift = p["inner"]["U"] @ cell.x + p["inner"]["b"]
+    z = np.zeros(cell.n)
+    for _ in range(iters):
+        z = np.tanh(p["W"] @ z + shift)
+    return z
+
+
+def tanh_cell_loss_np(cell: TanhCell, c: np.ndarray) -> float:
+    return float(c @ tanh_cell_solve_np(cell))
+
+
+def tanh_cell_grad_np(cell: TanhCell, c: np.ndarray) -> dict:
+    """The exact (implicit-function-theorem) gradient of `c . z*` w.r.t. the params, in numpy.
+
+    With D = diag(1 - z*^2), J = D W and u = (I - J^T)^{-1} c:
+    dL/dW = (D u) z*^T, dL/dU = (D u) x^T, dL/db = D u.
+    """
+    p = cell.params
+    z = tanh_cell_solve_np(cell)
+    D = 1.0 - z**2
+    J = D[:, None] * p["W"]
+    u = np.linalg.solve(np.eye(cell.n) - J.T, c)
+    Du = D * u
+    return {"W": np.outer(Du, z), "inner": {"U": np.outer(Du, cell.x), "b": Du}}
+
+
+def tanh_cell_jfb_grad_np(cell: TanhCell, c: np.ndarray) -> dict:
+    """The JFB gradient: the vector-Jacobian product of f(sg(z*), params) with c."""
+    z = tanh_cell_solve_np(cell)
+    Dc = (1.0 - z**2) * c
+    return {"W": np.outer(Dc, z), "inner": {"U": np.outer(Dc, cell.x), "b": Dc}}
+
+
+def with_params(cell: TanhCell, params) -> TanhCell:
+    return TanhCell(params, cell.x)
+
+
+def tree_rel_err(a, b) -> float:
+    """||a - b|| / ||b|| over all leaves."""
+    diff = jax.tree_util.tree_map(lambda x, y: np.asarray(x) - np.asarray(y), a, b)
+    return float(np.sqrt(sum(np.sum(d**2) for d in jax.tree_util.tree_leaves(diff)))
+                 / np.sqrt(sum(np.sum(np.asarray(y) ** 2) for y in jax.tree_util.tree_leaves(b))))
