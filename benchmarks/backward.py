@@ -4,7 +4,8 @@ Run ``python -m benchmarks.backward --profile smoke|quick|full`` (``--out DIR``,
 ``--no-plot``).
 
 Model and data: ``deq.nn.models.DEQClassifier(64, hidden, 10)`` (``Linear`` encoder, DEQ layer
-around a ``DenseCell(hidden)``, ``Linear`` head) on scikit-learn's digits, flattened to 64
+around a ``DenseCell(hidden)``, ``Linear`` head; the smoke profile, which only checks the
+machinery, uses ``use_norm=False``, which compiles faster) on scikit-learn's digits, flattened to 64
 features in ``[0, 1]`` (``deq.data.load_digits``, fixed 80/20 split with seed 0). Every strategy
 uses the same forward solver (the classifier's default, ``Anderson(rtol=1e-3, atol=1e-5,
 max_steps=30)``); only ``backward`` differs:
@@ -30,9 +31,12 @@ Three measurements:
     reported at initialisation (``init``), after training each strategy with itself
     (``trained``, seed ``--seed``) and at the IFT-trained parameters (``trained_ift_params``),
     with the ratio of gradient norms ``||g|| / ||g_exact||``.
-(b) **Cost of a training step** (forward + backward + Adam update, ``jax.jit``):
-    ``_common.time_fn`` (first call = compile, reported apart; then median of repeats after
-    warm-up) and ``_common.xla_memory`` (``temp_size_in_bytes`` of the compiled step).
+(b) **Cost of a training step** (forward + backward + Adam update, ``jax.jit``, on one batch):
+    ``_common.time_fn``; the first call (compile + one run) is reported apart as
+    ``compile_s``; then ``rounds`` rounds, each timing every strategy in turn
+    (``time_fn``: warm-up calls, then ``per_round`` timed calls), so that changes of machine
+    load hit every strategy alike; median, IQR and minimum of all timed calls. Memory:
+    ``_common.xla_memory`` (``temp_size_in_bytes`` of the compiled step).
 (c) **Accuracy.** The same training budget for every strategy: same number of Adam steps, same
     learning rate, same initial parameters and the same batch order for a given seed; test
     accuracy at the end, with the default Anderson forward solve for every strategy (the fixed
@@ -91,14 +95,15 @@ def make_solver(name: str):
     return fpi_solver() if name == "Unrolled-FPI" else default_solver()
 
 
-def make_model(hidden: int, seed: int, *, solver=None, backward=None) -> DEQClassifier:
-    """The benchmark's classifier; parameters depend only on ``hidden`` and ``seed``."""
-    return DEQClassifier(64, hidden, 10, rngs=nnx.Rngs(seed), solver=solver or default_solver(),
-                         backward=backward or default_backward())
+def make_model(arch: dict, seed: int, *, solver=None, backward=None) -> DEQClassifier:
+    """The benchmark's classifier ``DEQClassifier(64, arch["hidden"], 10,
+    use_norm=arch["use_norm"])``; its parameters depend only on ``arch`` and ``seed``."""
+    return DEQClassifier(64, arch["hidden"], 10, rngs=nnx.Rngs(seed), use_norm=arch["use_norm"],
+                         solver=solver or default_solver(), backward=backward or default_backward())
 
 
-def strategy_model(name: str, hidden: int, seed: int) -> DEQClassifier:
-    return make_model(hidden, seed, solver=make_solver(name), backward=make_backward(name))
+def strategy_model(name: str, arch: dict, seed: int) -> DEQClassifier:
+    return make_model(arch, seed, solver=make_solver(name), backward=make_backward(name))
 
 
 def cpu_seconds() -> float:
@@ -154,7 +159,7 @@ def make_eval(graphdef, rest):
     return accuracy
 
 
-def exact_gradient_fn(hidden: int, *, reference: bool = False):
+def exact_gradient_fn(arch: dict, *, reference: bool = False):
     """Float64 gradient function ``(params64, x64, y) -> (grads, forward stats)``.
 
     Must be built and called inside ``jax.enable_x64(True)``. ``reference=True`` gives the
@@ -166,7 +171,7 @@ def exact_gradient_fn(hidden: int, *, reference: bool = False):
     else:
         solver = deq.Anderson(rtol=1e-11, atol=1e-12, max_steps=500)
         backward = deq.IFT(solver=deq.Anderson(rtol=1e-11, atol=1e-12, max_steps=500))
-    graphdef, _, rest = nnx.split(make_model(hidden, 0, solver=solver, backward=backward), nnx.Param, ...)
+    graphdef, _, rest = nnx.split(make_model(arch, 0, solver=solver, backward=backward), nnx.Param, ...)
 
     def loss_fn(params, x, y):
         model = nnx.merge(graphdef, params, rest)
@@ -180,14 +185,14 @@ def _to64(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
 
 
-def exact_gradients(hidden: int, param_sets: dict[str, Any], batches, *, reference: bool):
+def exact_gradients(arch: dict, param_sets: dict[str, Any], batches, *, reference: bool):
     """Exact float64 gradients for every parameter set and batch (in an x64 scope)."""
     out: dict[str, list[np.ndarray]] = {}
     stats: dict[str, Any] = {"adjoint_nonconvergence_warnings": 0, "forward_residual_max": 0.0,
                              "forward_converged_frac_min": 1.0, "forward_steps_max": 0.0}
     with jax.enable_x64(True), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", deq.NonConvergenceWarning)
-        grad_fn = exact_gradient_fn(hidden, reference=reference)
+        grad_fn = exact_gradient_fn(arch, reference=reference)
         for key, params in param_sets.items():
             p64 = _to64(params)
             out[key] = []
@@ -210,9 +215,12 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     t_start, cpu_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
     names = STRATEGIES + (EXTRA if profile != "smoke" else ())
     hidden = C.pick(profile, smoke=8, quick=64, full=64)
+    # smoke checks the machinery: the cell without norms compiles markedly faster.
+    arch = {"hidden": hidden, "use_norm": profile != "smoke"}
     batch = C.pick(profile, smoke=16, quick=64, full=64)
     steps = C.pick(profile, smoke=5, quick=300, full=1500)
-    repeats = C.pick(profile, smoke=3, quick=20, full=50)
+    rounds = C.pick(profile, smoke=1, quick=5, full=10)
+    per_round = C.pick(profile, smoke=3, quick=5, full=5)
     n_cos = C.pick(profile, smoke=1, quick=2, full=4)
     seeds = [seed + i for i in range(C.pick(profile, smoke=1, quick=1, full=3))]
     do_reference = profile != "smoke"
@@ -228,7 +236,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
 
     graphdefs, params0, rest0 = {}, {}, None
     for s in names:
-        graphdefs[s], params0[s], rest0 = nnx.split(strategy_model(s, hidden, seed), nnx.Param, ...)
+        graphdefs[s], params0[s], rest0 = nnx.split(strategy_model(s, arch, seed), nnx.Param, ...)
     p0 = params0["IFT"]
     for s in names:  # same architecture and seed: identical initial parameters
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(params0[s])))
@@ -242,16 +250,32 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     # (b) cost of one training step (first call = compile).
     xb0, yb0 = jnp.asarray(cos_batches[0][0]), jnp.asarray(cos_batches[0][1])
     opt0 = tx.init(p0)
-    for s in C.progress(names, desc="timing"):
-        timing = C.time_fn(steps_fn[s], p0, opt0, xb0, yb0, warmup=2, repeats=repeats, clear_caches=False)
+    for s in C.progress(names, desc="compile"):
+        first = C.time_fn(steps_fn[s], p0, opt0, xb0, yb0, warmup=0, repeats=1, clear_caches=False)
         mem = C.xla_memory(steps_fn[s], p0, opt0, xb0, yb0)
-        results[s]["timing"] = timing
-        results[s]["time_per_step_s"] = timing["median_s"]
-        results[s]["compile_s"] = timing["compile_s"]
+        results[s]["compile_s"] = first["compile_s"]
         results[s]["memory"] = {
             "xla_temp_bytes": None if mem is None else mem.get("temp_size_in_bytes"),
             "xla": mem,
         }
+    # Timed calls interleaved over strategies in `rounds` rounds, so that a change of machine
+    # load during the benchmark affects every strategy alike; each round is a time_fn call
+    # (its first, untimed-for-us call and `warmup` more are warm-up; then `per_round` timed).
+    times: dict[str, list[float]] = {s: [] for s in names}
+    for _ in C.progress(range(rounds), desc="timing"):
+        for s in names:
+            t = C.time_fn(steps_fn[s], p0, opt0, xb0, yb0, warmup=1, repeats=per_round, clear_caches=False)
+            times[s].extend(t["times_s"])
+    for s in names:
+        ts = np.array(times[s])
+        q25, q75 = np.percentile(ts, [25, 75])
+        results[s]["timing"] = {
+            "compile_s": results[s]["compile_s"], "median_s": float(np.median(ts)), "iqr_s": float(q75 - q25),
+            "min_s": float(ts.min()), "max_s": float(ts.max()), "mean_s": float(ts.mean()),
+            "repeats": int(ts.size), "rounds": rounds, "per_round": per_round, "warmup_per_round": 2,
+            "times_s": ts.tolist(),
+        }
+        results[s]["time_per_step_s"] = float(np.median(ts))
 
     def strategy_grads(s, params):
         return [flat(steps_fn[s](params, opt0, jnp.asarray(xb), jnp.asarray(yb))[4]) for xb, yb in cos_batches]
@@ -259,25 +283,31 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     # (c) training: same budget, init and batch order for every strategy.
     trained: dict[str, dict[int, Any]] = {s: {} for s in names}
     for s in names:
-        accs, losses, fsteps, conv = [], [], [], []
+        accs, losses = [], []
         for sd in seeds:
-            _, params, _ = nnx.split(strategy_model(s, hidden, sd), nnx.Param, ...)
+            _, params, _ = nnx.split(strategy_model(s, arch, sd), nnx.Param, ...)
             opt = tx.init(params)
             it = iterate_batches(x_train, y_train, batch, seed=sd, epochs=steps // (len(x_train) // batch) + 1)
             hist = []
             t0 = time.perf_counter()
-            for k, (xb, yb) in zip(range(steps), it):
-                params, opt, loss, info, _ = steps_fn[s](params, opt, jnp.asarray(xb), jnp.asarray(yb))
-                hist.append((loss, info["forward_steps"], info["converged_frac"]))
-            jax.block_until_ready(params)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", deq.NonConvergenceWarning)
+                for k, (xb, yb) in zip(range(steps), it):
+                    params, opt, loss, info, _ = steps_fn[s](params, opt, jnp.asarray(xb), jnp.asarray(yb))
+                    hist.append((loss, info["forward_steps"], info["converged_frac"]))
+                jax.block_until_ready(params)
+                jax.effects_barrier()
             train_s = time.perf_counter() - t0
+            n_warn = sum(issubclass(w.category, deq.NonConvergenceWarning) for w in caught)
             hist = np.array(jax.device_get(hist), dtype=np.float64)
             tail = hist[-min(20, len(hist)):]
             accs.append(float(accuracy_fn(params, jnp.asarray(x_test), jnp.asarray(y_test))))
             losses.append({"seed": sd, "final_train_loss_last20": float(tail[:, 0].mean()),
                            "forward_steps_last20": float(tail[:, 1].mean()),
                            "converged_frac_last20": float(tail[:, 2].mean()),
+                           "nonfinite_loss_steps": int((~np.isfinite(hist[:, 0])).sum()),
                            "train_wall_s": train_s,
+                           "adjoint_nonconvergence_warnings": n_warn,
                            "loss_curve": hist[:, 0].tolist()})
             trained[s][sd] = params
         results[s]["accuracy"] = float(np.mean(accs))
@@ -288,10 +318,10 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     # (a) gradient quality against the float64 exact gradient.
     points = {"init": p0, "trained_ift_params": trained["IFT"][seed]}
     points.update({f"trained:{s}": trained[s][seed] for s in names})
-    exact, exact_stats = exact_gradients(hidden, points, cos_batches, reference=False)
+    exact, exact_stats = exact_gradients(arch, points, cos_batches, reference=False)
     reference_check = None
     if do_reference:
-        ref, ref_stats = exact_gradients(hidden, {"init": p0, "trained_ift_params": trained["IFT"][seed]},
+        ref, ref_stats = exact_gradients(arch, {"init": p0, "trained_ift_params": trained["IFT"][seed]},
                                          cos_batches, reference=True)
         reference_check = {
             "what": "exact (float64 IFT, tight Anderson) vs float64 backprop through 300 fixed-point iterations",
@@ -301,7 +331,9 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     for s in names:
         cos = {}
         for label, key in (("init", "init"), ("trained", f"trained:{s}"), ("trained_ift_params", "trained_ift_params")):
-            per_batch = [compare(g, e) for g, e in zip(strategy_grads(s, points[key]), exact[key])]
+            grads = strategy_grads(s, points[key])
+            per_batch = [compare(g, e) for g, e in zip(grads, exact[key])]
+            cos[f"{label}_nonfinite_entries"] = int(sum((~np.isfinite(g)).sum() for g in grads))
             cos[label] = float(np.mean([c["cosine"] for c in per_batch]))
             cos[f"{label}_norm_ratio"] = float(np.mean([c["norm_ratio"] for c in per_batch]))
             cos[f"{label}_per_batch"] = per_batch
@@ -314,14 +346,14 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
         "profile": profile,
         "command": f"python -m benchmarks.backward --profile {profile}",
         "settings": {
-            "model": f"deq.nn.models.DEQClassifier(64, {hidden}, 10) (DenseCell)",
+            "model": f"deq.nn.models.DEQClassifier(64, {hidden}, 10, use_norm={arch['use_norm']}) (DenseCell)",
             "num_params": n_params,
             "forward_solver": repr(default_solver()),
             "strategies": {s: results[s]["description"] for s in names},
             "data": "sklearn digits via deq.data.load_digits(test_fraction=0.2, seed=0), flattened to 64",
             "n_train": len(x_train), "n_test": len(x_test),
             "batch_size": batch, "train_steps": steps, "optimizer": f"optax.adam({lr})",
-            "seeds": seeds, "timing_repeats": repeats, "timing_warmup": 2,
+            "seeds": seeds, "timing_rounds": rounds, "timing_per_round": per_round,
             "cosine_batches": n_cos,
             "exact_gradient": "float64 (jax.enable_x64), Anderson(rtol=1e-11, atol=1e-12, max_steps=500) "
                               "forward, IFT(Anderson(rtol=1e-11, atol=1e-12, max_steps=500)) adjoint",
@@ -346,6 +378,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
             "cos_ift_params": r["cosine"]["trained_ift_params"],
             "norm_ratio": r["cosine"]["trained_norm_ratio"],
             "ms": 1e3 * r["time_per_step_s"],
+            "ms_min": 1e3 * r["timing"]["min_s"],
             "compile": r["compile_s"],
             "temp_kib": None if r["memory"]["xla_temp_bytes"] is None else r["memory"]["xla_temp_bytes"] / 1024,
             "acc": r["accuracy"],
@@ -355,7 +388,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     C.print_table(rows, [
         ("strategy", "strategy"), ("cos_init", "cos@init"), ("cos_trained", "cos@trained"),
         ("cos_ift_params", "cos@IFT-trained"), ("norm_ratio", "|g|/|g*| trained"),
-        ("ms", "time/step [ms]"), ("compile", "compile [s]"), ("temp_kib", "XLA temp [KiB]"),
+        ("ms", "time/step [ms]"), ("ms_min", "min [ms]"), ("compile", "compile [s]"), ("temp_kib", "XLA temp [KiB]"),
         ("acc", "test acc"), ("acc_std", "acc std"), ("fsteps", "fwd steps"),
     ], title=f"Backward strategies ({profile}: hidden {hidden}, batch {batch}, {steps} Adam steps, "
              f"{len(seeds)} seed(s), {n_params} params)")
