@@ -1,0 +1,664 @@
+"""Dense DEQ classifier vs its explicit twins: accuracy, wall time, solver steps, parameters.
+
+Run ``python -m benchmarks.deq_vs_explicit --profile smoke|quick|full`` (``--out DIR``,
+``--seed``, ``--no-plot``; ``--mnist PATH`` / ``--cifar PATH`` add MNIST / CIFAR-10 read from
+a local ``.npz``, see ``deq.data.load_mnist``; nothing is downloaded).
+
+Models (``deq.nn.models``; all share the encoder ``Linear(in, hidden)``, the cell type
+``DenseCell`` and the head ``Linear(hidden, 10)``):
+
+* ``deq``: ``DEQClassifier`` -- fixed point ``z* = f(z*, u)`` by Anderson
+  (``default_solver()``: ``rtol=1e-3, atol=1e-5, max_steps=30``), implicit (IFT) backward
+  (``default_backward()``: Anderson adjoint, ``rtol=1e-3, atol=1e-6, max_steps=30``);
+* ``deq_jr``: the same DEQ trained with Jacobian regularization (Bai, Koltun & Kolter 2021):
+  loss ``CE + gamma * ||df/dz(z*)||_F^2 / hidden``, one Hutchinson probe per sample
+  (``deq.regularize.jacobian_penalty``), ``gamma = jac_reg`` below;
+* ``unrolled``: ``UnrolledClassifier`` -- the same cell applied ``depth`` times with tied
+  weights from ``z_0 = 0`` (exactly the DEQ's parameter count), ordinary backprop;
+* ``resnet``: ``ResNetClassifier.matched`` -- ``depth`` untied cells, width chosen so its
+  parameter count is closest to the DEQ's (narrower than the DEQ);
+* ``resnet_wide`` (full profile only): ``ResNetClassifier`` at the DEQ's width (about
+  ``depth`` times the cell parameters).
+
+Training: ``deq.train.fit`` (Adam, warm-up-free cosine decay, clip 1.0), the same config for
+every model, evaluated on the test split after every epoch. Recorded per run: test accuracy
+and loss per epoch; the training wall time at each epoch (the sum of the per-step times that
+``fit`` measures after ``block_until_ready``, first step replaced by the median step so that
+compilation is reported apart as ``compile_s``; evaluation is not counted); forward solver
+steps per training step (DEQ ``info``) and in evaluation; backward (adjoint) solver steps.
+
+Backward steps are not in the training records: the library's IFT backward runs inside a
+custom VJP and returns no statistics. After each epoch this benchmark therefore re-runs the
+model's own adjoint solve (``model.deq.backward.adjoint``, the same solver and tolerances as in
+training) on a fixed training batch with the cotangent of the batch-mean cross-entropy, and
+records its mean step count. Non-converged adjoint solves during training (the library's
+``NonConvergenceWarning``) are counted per run as ``backward_nonconverged_steps``.
+
+``forward_steps`` in the summary is the number of cell evaluations per forward pass: the
+mean Anderson step count of the final test evaluation for DEQs, the fixed depth for explicit
+nets.
+
+Jacobian regularization needs the fixed point ``z*`` in the extra loss, but ``fit``'s
+``aux_loss_fn(model, x, key)`` only receives the model and the batch. ``JacRegDEQClassifier``
+hands its training-mode ``z*`` to ``jacobian_aux_loss`` through a trace-time memo keyed by the
+batch tracer (both are called on the same ``x`` inside one traced loss), so no second forward
+solve is made; the aux loss falls back to re-solving if the memo is missing.
+
+Targets (printed PASS/MISS, stored under ``targets``):
+
+* the DEQ's final test accuracy (mean over seeds) is within 1 point of (or above) each explicit
+  twin's -- tied unrolled and parameter-matched ResNet -- on every dataset, and the DEQ has
+  fewer parameters than the untied ResNet at equal width;
+* Jacobian regularization reduces the DEQ's forward solver steps (final test evaluation) by at
+  least 10% at equal test accuracy (within 1 point); also reported: whether the reduction
+  reaches the 2x of Bai et al. 2021 (who report ~2-3x fewer function evaluations).
+
+Timings are wall-clock on whatever machine runs the script; ``settings.load_average`` records
+the machine's load before and after, since other processes inflate them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import deq
+from benchmarks import _common as C
+from deq.data import load_cifar10, load_digits, load_mnist, load_mnist1d
+from deq.nn import solution_info
+from deq.nn.models import (DEQClassifier, ResNetClassifier, UnrolledClassifier, count_params,
+                           param_table)
+from deq.regularize import jacobian_penalty
+from deq.train import TrainConfig, cross_entropy, fit
+
+NAME = "deq_vs_explicit"
+
+#: Display names of the models.
+LABELS = {
+    "deq": "DEQ",
+    "deq_jr": "DEQ + Jacobian reg.",
+    "unrolled": "Unrolled (tied)",
+    "resnet": "ResNet (matched params)",
+    "resnet_wide": "ResNet (equal width)",
+}
+#: Plot colours per model.
+COLORS = {"deq": "C0", "deq_jr": "C2", "unrolled": "C1", "resnet": "C3", "resnet_wide": "C4"}
+DEQ_MODELS = ("deq", "deq_jr")
+
+#: Accuracy whose first crossing is timed ("time to target"), per dataset.
+TARGET_ACCURACY = {"digits": 0.90, "mnist1d": 0.50, "mnist": 0.95, "cifar10": 0.35}
+
+#: Accuracy tolerance of the "matches" targets (1 point).
+MATCH_TOL = 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_settings(profile: str, name: str) -> dict[str, Any]:
+    """Model size and training schedule of one dataset in one profile.
+
+    Args:
+      profile: ``smoke``, ``quick`` or ``full``.
+      name: ``digits``, ``mnist1d``, ``mnist`` or ``cifar10``.
+
+    Returns:
+      Dict with ``hidden``, ``depth``, ``epochs``, ``batch_size``, ``learning_rate``,
+      ``jac_reg``, ``num_train`` / ``num_test`` (None = the whole split) and
+      ``target_accuracy``.
+    """
+    base = dict(batch_size=64, learning_rate=3e-3, jac_reg=2.0, num_train=None, num_test=None,
+                target_accuracy=TARGET_ACCURACY[name])
+    if profile == "smoke":
+        return {**base, "hidden": 16, "depth": 2, "epochs": 1, "num_train": 256, "num_test": 128}
+    table = {
+        "digits": dict(hidden=64, depth=6, epochs=C.pick(profile, smoke=1, quick=15, full=30)),
+        "mnist1d": dict(hidden=128, depth=6, epochs=C.pick(profile, smoke=1, quick=10, full=40)),
+        "mnist": dict(hidden=128, depth=6, epochs=C.pick(profile, smoke=1, quick=1, full=5),
+                      batch_size=128),
+        "cifar10": dict(hidden=256, depth=6, epochs=C.pick(profile, smoke=1, quick=1, full=10),
+                        batch_size=128, learning_rate=1e-3),
+    }
+    return {**base, **table[name]}
+
+
+def load_dataset(name: str, settings: dict[str, Any], *, mnist: Path | None = None,
+                 cifar: Path | None = None):
+    """Load a dataset (optionally subsampled to ``num_train`` / ``num_test``).
+
+    Raises:
+      SystemExit: with a one-line message when a ``--mnist`` / ``--cifar`` file is missing or
+        unreadable.
+    """
+    if name == "digits":
+        ds = load_digits()
+    elif name == "mnist1d":
+        ds = load_mnist1d()
+    elif name in ("mnist", "cifar10"):
+        path = Path(mnist if name == "mnist" else cifar)
+        flag = "--mnist" if name == "mnist" else "--cifar"
+        if not path.is_file():
+            raise SystemExit(f"error: {flag} {path}: no such file (expected a local .npz with "
+                             "x_train, y_train, x_test, y_test; nothing is downloaded)")
+        try:
+            ds = (load_mnist if name == "mnist" else load_cifar10)(path)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SystemExit(f"error: {flag} {path}: cannot read it: {first}") from None
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    n_tr, n_te = settings.get("num_train"), settings.get("num_test")
+    if n_tr or n_te:
+        ds = dataclasses.replace(
+            ds,
+            x_train=ds.x_train[:n_tr], y_train=ds.y_train[:n_tr],
+            x_test=ds.x_test[:n_te], y_test=ds.y_test[:n_te],
+        )
+    return ds
+
+
+def in_features(ds) -> int:
+    """Features per sample after flattening."""
+    return int(np.prod(ds.x_train.shape[1:]))
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+# Trace-time memo: JacRegDEQClassifier.__call__ stores (x, u, z*) here while `fit`'s loss is
+# being traced, and jacobian_aux_loss (called next in the same trace, on the same x) takes it.
+_FIXED_POINT_MEMO: dict[int, tuple[Any, Any, Any]] = {}
+
+
+class JacRegDEQClassifier(DEQClassifier):
+    """`DEQClassifier` that lends its training-mode fixed point to `jacobian_aux_loss`.
+
+    Identical parameters and forward pass; only the memo is added (see the module docstring).
+    """
+
+    def __call__(self, x):
+        u = self._encode(x)
+        sol = self.deq(u, return_solution=True)
+        if not self.deq.deterministic:
+            _FIXED_POINT_MEMO.clear()
+            _FIXED_POINT_MEMO[id(x)] = (x, u, sol.value)
+        return self.head(sol.value), solution_info(sol)
+
+
+def jacobian_aux_loss(model, x, key):
+    """``||d cell(z*, u) / dz||_F^2 / hidden`` (Hutchinson, one probe), for ``fit``'s aux loss.
+
+    Args:
+      model: a `JacRegDEQClassifier` (or any `DEQClassifier`).
+      x: the training batch.
+      key: PRNG key of the step.
+
+    Returns:
+      Scalar penalty, the batch mean of the per-sample estimates divided by the state size.
+    """
+    entry = _FIXED_POINT_MEMO.pop(id(x), None)
+    if entry is not None and entry[0] is x:
+        _, u, z = entry
+    else:  # not called right after the model's own forward pass: solve again
+        u = model._encode(x)
+        z = model.deq(u)
+    return jacobian_penalty(model.deq.cell, z, u, key) / model.hidden
+
+
+def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
+    """Build one of the benchmark's models for dataset ``ds`` with settings ``st``.
+
+    Args:
+      kind: a key of `LABELS`.
+      ds: the dataset (for the input size and class count).
+      st: `dataset_settings` output.
+      seed: initialisation seed.
+
+    Returns:
+      The model (an `nnx.Module` returning ``(logits, info)``).
+    """
+    n_in, h, k, n_cls = in_features(ds), st["hidden"], st["depth"], ds.num_classes
+    rngs = nnx.Rngs(seed)
+    if kind == "deq":
+        return DEQClassifier(n_in, h, n_cls, rngs=rngs)
+    if kind == "deq_jr":
+        return JacRegDEQClassifier(n_in, h, n_cls, rngs=rngs)
+    if kind == "unrolled":
+        return UnrolledClassifier(n_in, h, n_cls, depth=k, rngs=rngs)
+    if kind == "resnet":
+        target = count_params(nnx.eval_shape(lambda: DEQClassifier(n_in, h, n_cls, rngs=nnx.Rngs(0))))
+        return ResNetClassifier.matched(target, n_in, n_cls, depth=k, rngs=rngs)
+    if kind == "resnet_wide":
+        return ResNetClassifier(n_in, h, n_cls, depth=k, rngs=rngs)
+    raise ValueError(f"unknown model {kind!r}")
+
+
+def train_config(st: dict[str, Any], ds, seed: int, kind: str) -> TrainConfig:
+    """The `TrainConfig` of one run (evaluation after every epoch)."""
+    per_epoch = len(ds.x_train) // st["batch_size"]
+    return TrainConfig(
+        learning_rate=st["learning_rate"], epochs=st["epochs"], batch_size=st["batch_size"],
+        eval_batch_size=min(len(ds.x_test), 1024), eval_every=per_epoch, seed=seed,
+        jacobian_reg=st["jac_reg"] if kind == "deq_jr" else 0.0, progress=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (adjoint) steps probe
+# --------------------------------------------------------------------------------------------
+
+
+@nnx.jit
+def adjoint_probe(model, x, y):
+    """Mean step count of the model's own IFT adjoint solve on one batch (train-mode solver).
+
+    Solves ``g = J^T g + dL/dz*`` at the fixed point with ``model.deq.backward`` (the solver
+    and tolerances used in training), ``L`` the batch-mean cross-entropy.
+
+    Returns:
+      Dict with ``backward_steps`` (mean over samples) and ``backward_converged`` (fraction).
+    """
+    u = model._encode(x)
+    z = jax.lax.stop_gradient(model.deq(u))
+    v = jax.grad(lambda z_: jnp.mean(cross_entropy(model.head(z_), y)[0]))(z)
+    graphdef, state = nnx.split(model.deq.cell)
+
+    def fn(z_, params):
+        return nnx.merge(graphdef, params[0])(z_, params[1])
+
+    backward = dataclasses.replace(model.deq.backward, warn=False)
+    _, out = backward.adjoint(fn, z, (state, u), v, False)
+    return {
+        "backward_steps": jnp.mean(out.num_steps.astype(jnp.float32)),
+        "backward_converged": jnp.mean(out.converged.astype(jnp.float32)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# One training run
+# --------------------------------------------------------------------------------------------
+
+
+def first_crossing(times: list[float], accs: list[float], target: float) -> float | None:
+    """First time at which ``accs`` reaches ``target`` (None if never)."""
+    for t, a in zip(times, accs):
+        if a >= target:
+            return t
+    return None
+
+
+def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
+            probe_backward: bool = True) -> tuple[dict[str, Any], nnx.Module]:
+    """Train one model with one seed; return its record and the trained model.
+
+    The record holds the per-epoch curves (test accuracy and loss, training time, solver
+    steps), the final test accuracy and loss, time to the target accuracy, the median step
+    time and the compile time. ``probe_backward=False`` skips the adjoint-steps probe (its
+    compilation costs seconds; the smoke profile skips it and records None).
+    """
+    model = build_model(kind, ds, st, seed)
+    cfg = train_config(st, ds, seed, kind)
+    is_deq = kind in DEQ_MODELS
+    probe_x = np.asarray(ds.x_train[: st["batch_size"]])
+    probe_y = np.asarray(ds.y_train[: st["batch_size"]])
+    probes: dict[int, dict[str, float]] = {}
+
+    def on_record(record):
+        if record["kind"] == "eval" and is_deq and probe_backward:
+            out = jax.device_get(adjoint_probe(model, probe_x, probe_y))
+            probes[record["step"]] = {k: float(v) for k, v in out.items()}
+        return None
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", deq.NonConvergenceWarning)
+        hist = fit(model, ds, cfg, callbacks=[on_record],
+                   aux_loss_fn=jacobian_aux_loss if kind == "deq_jr" else None)
+    nonconv_backward = sum(1 for w in caught if "backward" in str(w.message))
+    nonconv_forward = sum(1 for w in caught if "backward" not in str(w.message)
+                          and issubclass(w.category, deq.NonConvergenceWarning))
+
+    per_epoch = len(ds.x_train) // st["batch_size"]
+    step_times = np.array([r["step_time"] for r in hist.train])
+    median = float(np.median(step_times[1:])) if len(step_times) > 1 else float(step_times[0])
+    q25, q75 = np.percentile(step_times[1:] if len(step_times) > 1 else step_times, [25, 75])
+    clean = step_times.copy()
+    clean[0] = median
+    cum = np.cumsum(clean)
+
+    def epoch_mean(name):
+        vals = hist.metric(name)
+        return [float(np.mean(vals[e * per_epoch:(e + 1) * per_epoch])) for e in range(len(vals) // per_epoch)]
+
+    evals = hist.eval
+    rec: dict[str, Any] = {
+        "seed": seed,
+        "params": count_params(model),
+        "epoch": [r["step"] / per_epoch for r in evals],
+        "step": [r["step"] for r in evals],
+        "train_time_s": [float(cum[r["step"] - 1]) for r in evals],
+        "test_accuracy": [r["accuracy"] for r in evals],
+        "test_loss": [r["loss"] for r in evals],
+        "train_accuracy_epoch": epoch_mean("accuracy"),
+        "train_loss_epoch": epoch_mean("loss"),
+        "final_accuracy": hist.test_accuracy,
+        "final_loss": hist.test_loss,
+        "step_time_median_s": median,
+        "step_time_iqr_s": float(q75 - q25),
+        "compile_s": float(step_times[0] - median),
+        "num_steps": len(step_times),
+        "fit_run_time_s": hist.run_time,
+    }
+    acc_target = st["target_accuracy"]
+    t_hit = first_crossing(rec["train_time_s"], rec["test_accuracy"], acc_target)
+    e_hit = first_crossing(rec["epoch"], rec["test_accuracy"], acc_target)
+    rec["time_to_target_s"] = t_hit
+    rec["epochs_to_target"] = e_hit
+    if is_deq:
+        rec["train_forward_steps_epoch"] = epoch_mean("forward_steps")
+        rec["train_converged_frac_epoch"] = epoch_mean("converged_frac")
+        rec["eval_forward_steps"] = [r.get("forward_steps") for r in evals]
+        rec["eval_converged_frac"] = [r.get("converged_frac") for r in evals]
+        rec["backward_steps"] = [probes.get(r["step"], {}).get("backward_steps") for r in evals]
+        rec["backward_converged"] = [probes.get(r["step"], {}).get("backward_converged") for r in evals]
+        rec["backward_nonconverged_steps"] = nonconv_backward
+        rec["forward_nonconverged_steps"] = nonconv_forward
+        rec["forward_steps_final"] = evals[-1].get("forward_steps")
+        rec["backward_steps_final"] = rec["backward_steps"][-1]
+        if kind == "deq_jr":
+            rec["jac_penalty_epoch"] = epoch_mean("aux_loss")
+    else:
+        rec["forward_steps_final"] = float(st["depth"])
+        rec["backward_steps_final"] = None
+    return rec, model
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "per_seed": list(values)}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size), "per_seed": list(values)}
+
+
+def summarize(kind: str, runs: list[dict[str, Any]], st: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate one model's runs over seeds."""
+    out = {
+        "label": LABELS[kind],
+        "params": runs[0]["params"],
+        "depth": None if kind in DEQ_MODELS else st["depth"],
+        "final_accuracy": _stats([r["final_accuracy"] for r in runs]),
+        "final_loss": _stats([r["final_loss"] for r in runs]),
+        "time_to_target_s": _stats([r["time_to_target_s"] for r in runs]),
+        "epochs_to_target": _stats([r["epochs_to_target"] for r in runs]),
+        "target_reached": f"{sum(r['time_to_target_s'] is not None for r in runs)}/{len(runs)}",
+        "step_time_s": float(np.median([r["step_time_median_s"] for r in runs])),
+        "compile_s": runs[0]["compile_s"],
+        "forward_steps": _stats([r["forward_steps_final"] for r in runs]),
+        "backward_steps": _stats([r["backward_steps_final"] for r in runs]),
+        "runs": runs,
+    }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _band(ax, xs_runs, ys_runs, color, label, marker=None):
+    """Mean curve over seeds with a min-max band (curves truncated to the shortest)."""
+    n = min(len(y) for y in ys_runs)
+    if n == 0:
+        return
+    xs = np.mean([np.asarray(x[:n], float) for x in xs_runs], axis=0)
+    ys = np.array([np.asarray(y[:n], float) for y in ys_runs])
+    ax.plot(xs, ys.mean(axis=0), color=color, label=label, marker=marker, markersize=3)
+    if len(ys_runs) > 1:
+        ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2, linewidth=0)
+
+
+def plot_dataset(plt, dname: str, res: dict[str, Any], st: dict[str, Any], nseeds: int):
+    """Accuracy and loss vs epoch and vs training wall time for one dataset."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for kind, agg in res.items():
+        runs = agg["runs"]
+        label = f"{agg['label']} ({agg['params']:,} params)"
+        for row, key, name in ((0, "test_accuracy", "test accuracy"), (1, "test_loss", "test loss")):
+            _band(axes[row, 0], [r["epoch"] for r in runs], [r[key] for r in runs], COLORS[kind], label, "o")
+            _band(axes[row, 1], [r["train_time_s"] for r in runs], [r[key] for r in runs], COLORS[kind], label, "o")
+            axes[row, 0].set_xlabel("epoch")
+            axes[row, 1].set_xlabel("training wall time (s, compilation excluded)")
+            for ax in axes[row]:
+                ax.set_ylabel(f"{name} ({'fraction' if row == 0 else 'cross-entropy, nats'})")
+                ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.axhline(st["target_accuracy"], color="gray", ls=":", lw=1, label=f"target {st['target_accuracy']:.0%}")
+    axes[0, 0].set_title("test accuracy vs epoch")
+    axes[0, 1].set_title("test accuracy vs training wall time")
+    axes[1, 0].set_title("test loss vs epoch")
+    axes[1, 1].set_title("test loss vs training wall time")
+    for ax in axes.ravel():
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{dname}: dense DEQ vs explicit twins (hidden {st['hidden']}, depth {st['depth']}; "
+                 f"mean and min-max over {nseeds} seed(s))")
+    fig.tight_layout()
+    return fig
+
+
+def plot_solver_steps(plt, results: dict[str, dict[str, Any]]):
+    """Forward (training) and backward (adjoint probe) solver steps over training, per dataset."""
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
+    for ax, dname in zip(axes[0], names):
+        for kind in DEQ_MODELS:
+            if kind not in results[dname]:
+                continue
+            runs = results[dname][kind]["runs"]
+            color = COLORS[kind]
+            epochs = [list(range(1, len(r["train_forward_steps_epoch"]) + 1)) for r in runs]
+            _band(ax, epochs, [r["train_forward_steps_epoch"] for r in runs], color,
+                  f"{LABELS[kind]}: forward (training mean)")
+            _band(ax, [r["epoch"] for r in runs], [r["eval_forward_steps"] for r in runs], color,
+                  f"{LABELS[kind]}: forward (test eval)", "s")
+            bw = [[np.nan if b is None else b for b in r["backward_steps"]] for r in runs]
+            _band(ax, [r["epoch"] for r in runs], bw, color, f"{LABELS[kind]}: backward (adjoint probe)", "^")
+            ax.lines[-1].set_linestyle("--")
+        for kind in ("unrolled", "resnet"):
+            if kind in results[dname]:
+                depth = results[dname][kind]["depth"]
+                ax.axhline(depth, color=COLORS[kind], ls=":", lw=1,
+                           label=f"{LABELS[kind]}: fixed depth {depth}")
+                break
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("solver steps per sample (cell evaluations)")
+        ax.set_title(f"{dname}: solver steps during training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Forward and backward solver steps (Anderson), with and without Jacobian regularization")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """PASS/MISS of the benchmark's targets (see the module docstring)."""
+    targets = []
+    for dname, res in results.items():
+        deq_acc = res["deq"]["final_accuracy"]["mean"]
+        for twin in ("unrolled", "resnet"):
+            if twin not in res:
+                continue
+            twin_acc = res[twin]["final_accuracy"]["mean"]
+            diff = deq_acc - twin_acc
+            targets.append({
+                "target": f"{dname}: DEQ test accuracy within 1 point of {LABELS[twin]} (or above)",
+                "measured": f"DEQ {deq_acc:.2%} vs {twin_acc:.2%} ({diff * 100:+.2f} points)",
+                "passed": bool(diff >= -MATCH_TOL),
+            })
+        st = settings["datasets"][dname]
+        wide = res["resnet_wide"]["params"] if "resnet_wide" in res else settings["params_resnet_equal_width"][dname]
+        matched = res["resnet"]["params"]
+        p = res["deq"]["params"]
+        targets.append({
+            "target": f"{dname}: DEQ has fewer parameters than the untied ResNet of equal width (depth {st['depth']})",
+            "measured": f"DEQ {p:,} vs {wide:,} ({wide / p:.2f}x); param-matched ResNet {matched:,}",
+            "passed": bool(p < wide),
+        })
+        if "deq_jr" in res:
+            s0 = res["deq"]["forward_steps"]["mean"]
+            s1 = res["deq_jr"]["forward_steps"]["mean"]
+            a1 = res["deq_jr"]["final_accuracy"]["mean"]
+            ratio = s0 / s1 if s1 else float("nan")
+            equal_acc = a1 >= deq_acc - MATCH_TOL
+            targets.append({
+                "target": f"{dname}: Jacobian reg. (gamma={st['jac_reg']}) reduces forward solver steps "
+                          f">=10% at equal test accuracy (within 1 point)",
+                "measured": f"steps {s0:.2f} -> {s1:.2f} ({ratio:.2f}x fewer); accuracy "
+                            f"{deq_acc:.2%} -> {a1:.2%}",
+                "passed": bool(ratio >= 1.1 and equal_acc),
+            })
+            targets.append({
+                "target": f"{dname}: Jacobian reg. gives >=2x fewer forward steps (Bai et al. 2021: ~2-3x)",
+                "measured": f"{ratio:.2f}x",
+                "passed": bool(ratio >= 2.0 and equal_acc),
+            })
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = C.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--mnist", type=Path, default=None, metavar="PATH",
+                        help="also run on MNIST from this local .npz (see deq.data.load_mnist)")
+    parser.add_argument("--cifar", type=Path, default=None, metavar="PATH",
+                        help="also run on CIFAR-10 from this local .npz (see deq.data.load_cifar10)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+    """Run the benchmark; write ``deq_vs_explicit.json`` and PNGs; return the payload."""
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    profile = args.profile
+    datasets = C.pick(profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
+    if args.mnist is not None:
+        datasets.append("mnist")
+    if args.cifar is not None:
+        datasets.append("cifar10")
+    nseeds = C.pick(profile, smoke=1, quick=2, full=3)
+    seeds = [args.seed + i for i in range(nseeds)]
+    kinds = ["deq", "deq_jr", "unrolled", "resnet"] + (["resnet_wide"] if profile == "full" else [])
+
+    # Load everything first so that a missing --mnist/--cifar file fails before any training.
+    loaded = {}
+    for dname in datasets:
+        st = dataset_settings(profile, dname)
+        loaded[dname] = (load_dataset(dname, st, mnist=args.mnist, cifar=args.cifar), st)
+
+    settings: dict[str, Any] = {
+        "profile": profile, "seeds": seeds, "models": {k: LABELS[k] for k in kinds},
+        "datasets": {}, "params_resnet_equal_width": {},
+        "forward_solver": repr(deq.nn.models.default_solver()),
+        "backward": repr(deq.nn.models.default_backward()),
+        "match_tolerance": MATCH_TOL,
+        "timing": "training wall time = sum of fit's per-step times (block_until_ready), first "
+                  "(compiling) step replaced by the median step; evaluation excluded",
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for dname, (ds, st) in loaded.items():
+        settings["datasets"][dname] = {
+            **st, "num_train": len(ds.x_train), "num_test": len(ds.x_test),
+            "in_features": in_features(ds), "steps_per_epoch": len(ds.x_train) // st["batch_size"],
+        }
+        models0 = {LABELS[k]: nnx.eval_shape(lambda k=k: build_model(k, ds, st, 0)) for k in kinds}
+        if "resnet_wide" not in kinds:
+            models0[LABELS["resnet_wide"] + " [not trained]"] = nnx.eval_shape(
+                lambda: build_model("resnet_wide", ds, st, 0))
+        settings["params_resnet_equal_width"][dname] = count_params(
+            nnx.eval_shape(lambda: build_model("resnet_wide", ds, st, 0)))
+        print(f"\n== {dname}: {len(ds.x_train)} train / {len(ds.x_test)} test, {in_features(ds)} features; "
+              f"hidden {st['hidden']}, depth {st['depth']}, {st['epochs']} epoch(s), seeds {seeds}")
+        print(param_table(models0, reference=LABELS["deq"]), flush=True)
+        runs: dict[str, list] = {k: [] for k in kinds}
+        jobs = [(k, s) for s in seeds for k in kinds]
+        for kind, seed in C.progress(jobs, desc=f"{dname} runs"):
+            rec, _ = run_one(kind, ds, st, seed, probe_backward=profile != "smoke")
+            runs[kind].append(rec)
+        results[dname] = {k: summarize(k, runs[k], st) for k in kinds}
+
+    rows = []
+    for dname, res in results.items():
+        for kind, agg in res.items():
+            acc = agg["final_accuracy"]
+            ttt = agg["time_to_target_s"]
+            rows.append({
+                "dataset": dname, "model": agg["label"], "params": agg["params"],
+                "acc": f"{acc['mean']:.2%} ± {acc['std'] * 100:.2f}",
+                "range": f"{acc['min']:.1%}-{acc['max']:.1%}",
+                "loss": agg["final_loss"]["mean"],
+                "ttt": "-" if ttt["mean"] is None else f"{ttt['mean']:.2f} ({agg['target_reached']})",
+                "step_ms": agg["step_time_s"] * 1e3,
+                "compile": agg["compile_s"],
+                "fwd": agg["forward_steps"]["mean"],
+                "bwd": agg["backward_steps"]["mean"],
+            })
+    print()
+    table = C.print_table(rows, [
+        "dataset", "model", "params", ("acc", "test acc (mean ± sd, pts)"), ("range", "min-max"),
+        ("loss", "test loss"), ("ttt", "time to target s (reached)"), ("step_ms", "step ms (median)"),
+        ("compile", "compile s"), ("fwd", "fwd steps"), ("bwd", "bwd steps"),
+    ], title=f"Final test accuracy over {nseeds} seed(s); target accuracy "
+             + ", ".join(f"{d} {loaded[d][1]['target_accuracy']:.0%}" for d in results))
+
+    targets = evaluate_targets(results, settings)
+    print()
+    for t in targets:
+        print(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
+
+    figures = {}
+    if not args.no_plot:
+        plt = C.pyplot()
+        for dname, res in results.items():
+            path = C.save_figure(plot_dataset(plt, dname, res, loaded[dname][1], nseeds), args.out, f"{NAME}_{dname}")
+            figures[f"accuracy_{dname}"] = str(path)
+        path = C.save_figure(plot_solver_steps(plt, results), args.out, f"{NAME}_solver_steps")
+        figures["solver_steps"] = str(path)
+
+    settings["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    payload = {
+        "benchmark": NAME, "profile": profile, "settings": settings, "results": results,
+        "summary_table": table, "targets": targets, "figures": figures,
+        "run_time_s": time.perf_counter() - started,
+    }
+    path = C.save_json(args.out, NAME, payload)
+    print(f"\ntable: {path} (summary_table, results); run time {payload['run_time_s']:.1f} s")
+    for name, fig_path in figures.items():
+        print(f"plot ({name}): {fig_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
