@@ -20,7 +20,13 @@ from deq.certify import (
 )
 from deq.nn.contractive import ContractiveDense
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(scope="module", autouse=True)
+def _float64():
+    """float64 for this module only (see tests/conftest.py: no global x64 switch)."""
+    with jax.enable_x64(True):
+        yield
+
 
 KEY = jax.random.key(0)
 

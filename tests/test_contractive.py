@@ -19,7 +19,13 @@ from deq.nn.normalization import (
     spectral_norm_step,
 )
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(scope="module", autouse=True)
+def _float64():
+    """float64 for this module only (see tests/conftest.py: no global x64 switch)."""
+    with jax.enable_x64(True):
+        yield
+
 
 FEATURES = 5
 matrices = hnp.arrays(
@@ -36,6 +42,17 @@ def test_weight_norm_bound_holds(V, lipschitz, method):
     W = cell.weight
     assert float(jnp.linalg.norm(W, 2)) <= cell.lipschitz_bound()
     assert float(spectral_norm_upper_bound(jnp.asarray(V), method)) >= float(jnp.linalg.norm(V, 2)) * (1 - 1e-12)
+
+
+def test_bound_robust_to_extreme_scales_and_zero():
+    for scale in (1e-270, 1e-3, 1e250):
+        V = scale * jnp.ones((FEATURES, FEATURES))  # rank one: every bound is tight
+        for method in ("min", "frobenius", "holder"):
+            np.testing.assert_allclose(spectral_norm_upper_bound(V, method), FEATURES * scale, rtol=1e-12)
+    cell = ContractiveDense(FEATURES, 2, rngs=nnx.Rngs(0))
+    cell.v[...] = jnp.zeros((FEATURES, FEATURES))
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, FEATURES)), jnp.ones((1, 2)))))(cell)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_rank_one_and_scaled_identity_are_tight():

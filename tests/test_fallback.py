@@ -9,7 +9,13 @@ import deq
 from deq._tree import row_norm
 from deq.solvers.fallback import Fallback, FallbackState
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(scope="module", autouse=True)
+def _float64():
+    """float64 for this module only (see tests/conftest.py: no global x64 switch)."""
+    with jax.enable_x64(True):
+        yield
+
 
 PLAIN = deq.FixedPointIteration()
 DAMPED = deq.FixedPointIteration(damping=0.5)

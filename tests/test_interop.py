@@ -11,11 +11,18 @@ import pytest
 import deq
 from deq.interop import JaxoptSolver
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(scope="module", autouse=True)
+def _float64():
+    """float64 for this module only (see tests/conftest.py: no global x64 switch)."""
+    with jax.enable_x64(True):
+        yield
+
 
 N = 5
-W = 0.6 * jax.random.normal(jax.random.key(0), (N, N)) / np.sqrt(N)
-X = jax.random.normal(jax.random.key(1), (3, N))
+with jax.enable_x64(True):  # module constants in float64 too
+    W = 0.6 * jax.random.normal(jax.random.key(0), (N, N)) / np.sqrt(N)
+    X = jax.random.normal(jax.random.key(1), (3, N))
 TIGHT = dict(rtol=0.0, atol=1e-12, max_steps=300)
 ADJOINT = deq.IFT(solver=deq.Anderson(rtol=0.0, atol=1e-13, max_steps=300))
 

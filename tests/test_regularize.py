@@ -17,14 +17,21 @@ from deq.regularize import (
     jacobian_penalty,
 )
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(scope="module", autouse=True)
+def _float64():
+    """float64 for this module only (see tests/conftest.py: no global x64 switch)."""
+    with jax.enable_x64(True):
+        yield
+
 
 N = 4
-P = {
-    "W": 0.7 * jax.random.normal(jax.random.key(0), (N, N)) / np.sqrt(N),
-    "x": jax.random.normal(jax.random.key(1), (N,)),
-}
-Z = jax.random.normal(jax.random.key(2), (N,))
+with jax.enable_x64(True):  # module constants in float64 too
+    P = {
+        "W": 0.7 * jax.random.normal(jax.random.key(0), (N, N)) / np.sqrt(N),
+        "x": jax.random.normal(jax.random.key(1), (N,)),
+    }
+    Z = jax.random.normal(jax.random.key(2), (N,))
 
 
 def cell(z, p):

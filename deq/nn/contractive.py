@@ -29,6 +29,12 @@ _BOUNDS = ("min", "frobenius", "holder", "exact")
 _MARGIN_ULPS = 64
 
 
+def _safe_sqrt(s):
+    """`sqrt(s)` for `s >= 0`, with a zero (not NaN) gradient at `s = 0`."""
+    pos = s > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
+
+
 def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
     r"""A guaranteed upper bound on the spectral norm `||V||_2` of a matrix.
 
@@ -68,9 +74,12 @@ def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
         raise ValueError(f"spectral_norm_upper_bound: `V` must be a 2-D matrix, got shape {jnp.shape(V)}.")
     if method == "exact":
         return jnp.linalg.norm(V, 2)
-    frob = jnp.sqrt(jnp.sum(jnp.square(V)))
     a = jnp.abs(V)
-    holder = jnp.sqrt(jnp.max(jnp.sum(a, axis=0)) * jnp.max(jnp.sum(a, axis=1)))
+    # Scale by the largest entry so the sum of squares neither underflows nor overflows.
+    m = jax.lax.stop_gradient(jnp.max(a))
+    m = jnp.where(m > 0, m, 1.0)
+    frob = m * _safe_sqrt(jnp.sum(jnp.square(V / m)))
+    holder = _safe_sqrt(jnp.max(jnp.sum(a, axis=0))) * _safe_sqrt(jnp.max(jnp.sum(a, axis=1)))
     if method == "frobenius":
         return frob
     if method == "holder":
