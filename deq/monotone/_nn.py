@@ -125,9 +125,9 @@ class MonDEQ(_MonDEQBase):
       >>> x = jnp.ones((4, 3))
       >>> layer(x).shape
       (4, 8)
-      >>> sol = nnx.jit(lambda l, x: l(x, return_solution=True))(layer, x)
-      >>> bool(sol.stats.converged.all())
-      True
+      >>> sol = layer(x, return_solution=True)
+      >>> bool(sol.stats.converged.all()), sol.stats.num_steps.shape
+      (True, (4,))
       >>> grads = nnx.grad(lambda l: jnp.sum(l(x) ** 2))(layer)
       >>> grads["A"].shape
       (8, 8)

@@ -107,12 +107,13 @@ class MonotoneDense:
         """Random parameters: `A`, `B` with i.i.d. `N(0, scale^2 / (3 n))` entries (so their
         spectral norms are about `1.15 scale`), LeCun-normal `U`, zero `b`."""
         _check_m("MonotoneDense", m)
-        ka, kb, ku = jax.random.split(key, 3)
-        s = scale / math.sqrt(3 * hidden)
-        A = s * jax.random.normal(ka, (hidden, hidden), dtype)
-        B = s * jax.random.normal(kb, (hidden, hidden), dtype)
-        U = jax.random.normal(ku, (hidden, in_features), dtype) / math.sqrt(in_features)
-        return cls(A, B, U, jnp.zeros((hidden,), dtype), float(m))
+        n, d = hidden, in_features
+        flat = jax.random.normal(key, (2 * n * n + n * d,), dtype)  # one draw: one compilation
+        s = scale / math.sqrt(3 * n)
+        A = s * flat[: n * n].reshape(n, n)
+        B = s * flat[n * n: 2 * n * n].reshape(n, n)
+        U = flat[2 * n * n:].reshape(n, d) / math.sqrt(d)
+        return cls(A, B, U, jnp.zeros((n,), dtype), float(m))
 
     @property
     def hidden(self) -> int:
@@ -171,6 +172,8 @@ def conv(K, z, padding: str):
     `padding="circular"` wraps around the borders (the operator is then diagonalized by the
     2-D FFT); `"zero"` pads with zeros. The low-side padding is `(k - 1) // 2` in both cases.
     """
+    dt = jnp.result_type(K, z)
+    K, z = K.astype(dt), z.astype(dt)
     kh, kw = K.shape[:2]
     if padding == "circular":
         ph, pw = (kh - 1) // 2, (kw - 1) // 2
@@ -319,13 +322,14 @@ class MonotoneConv:
         _check_m("MonotoneConv", m)
         if padding not in PADDINGS:
             raise ValueError(f"MonotoneConv: `padding` must be one of {PADDINGS}, got {padding!r}.")
-        ka, kb, ku = jax.random.split(key, 3)
-        k, ku_ = kernel_size, input_kernel_size
-        s = scale / math.sqrt(3 * k * k * channels)
-        A = s * jax.random.normal(ka, (k, k, channels, channels), dtype)
-        B = s * jax.random.normal(kb, (k, k, channels, channels), dtype)
-        U = jax.random.normal(ku, (ku_, ku_, in_channels, channels), dtype) / math.sqrt(ku_ * ku_ * in_channels)
-        return cls(A, B, U, jnp.zeros((channels,), dtype), float(m), padding)
+        k, ku, c, ci = kernel_size, input_kernel_size, channels, in_channels
+        na, nu = k * k * c * c, ku * ku * ci * c
+        flat = jax.random.normal(key, (2 * na + nu,), dtype)  # one draw: one compilation
+        s = scale / math.sqrt(3 * k * k * c)
+        A = s * flat[:na].reshape(k, k, c, c)
+        B = s * flat[na: 2 * na].reshape(k, k, c, c)
+        U = flat[2 * na:].reshape(ku, ku, ci, c) / math.sqrt(ku * ku * ci)
+        return cls(A, B, U, jnp.zeros((c,), dtype), float(m), padding)
 
     @property
     def channels(self) -> int:

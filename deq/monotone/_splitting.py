@@ -202,7 +202,8 @@ class PeacemanRachford(_Splitting):
       >>> import jax, jax.numpy as jnp
       >>> from deq.monotone import MonotoneDense, PeacemanRachford, monotone_fixed_point
       >>> op = MonotoneDense.init(jax.random.PRNGKey(0), 4, 8, m=1.0)
-      >>> sol = monotone_fixed_point(op, jnp.ones((2, 4)), method=PeacemanRachford(alpha=1.0))
+      >>> x = jnp.ones((2, 4))
+      >>> sol = monotone_fixed_point(op, x, method=PeacemanRachford(alpha=1.0))
       >>> bool(sol.stats.converged.all()), int(sol.stats.num_steps.max()) < 100
       (True, True)
 
@@ -319,6 +320,11 @@ def _validate(op, x, method, backward, batch_axis, throw):
 
 
 def _impl(op, x, z0, method, backward, batch_axis, throw):
+    # One compute dtype for parameters and inputs (at least float32); gradients flow back
+    # through the casts in the parameters' own dtypes.
+    dtype = jnp.result_type(jnp.float32, x, *jax.tree_util.tree_leaves(op))
+    op = jax.tree_util.tree_map(lambda a: a.astype(dtype), op)
+    x = x.astype(dtype)
     if batch_axis is None:
         x = x[None]
         z0 = None if z0 is None else z0[None]
@@ -384,9 +390,9 @@ def monotone_fixed_point(op, x, *, method=None, backward=None, z0=None, batch_ax
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from deq.monotone import MonotoneDense, PeacemanRachford, monotone_fixed_point
-      >>> op = MonotoneDense.init(jax.random.PRNGKey(0), 4, 8, m=0.5)
-      >>> x = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
-      >>> sol = monotone_fixed_point(op, x, method=PeacemanRachford(atol=1e-6))
+      >>> op = MonotoneDense.init(jax.random.PRNGKey(0), 4, 8, m=1.0)
+      >>> x = jax.random.normal(jax.random.PRNGKey(1), (2, 4))
+      >>> sol = monotone_fixed_point(op, x, method=PeacemanRachford(rtol=1e-4, atol=1e-6))
       >>> z = sol.value
       >>> bool(jnp.allclose(z, jax.nn.relu(z @ op.weight().T + op.inject(x)), atol=1e-4))
       True
