@@ -14,6 +14,9 @@ max_steps=30)``); only ``backward`` differs:
 * ``PhantomGrad``: ``PhantomGrad(steps=5, damping=0.5)``;
 * ``JFB``: ``JFB()`` (one differentiated cell step at ``z*``);
 * ``Unrolled``: ``Unrolled()``: backprop through the 30 (masked) Anderson steps;
+* ``IFT-nowarn`` (quick/full only): the same IFT with ``warn=False``: no
+  ``jax.debug.callback`` checking the adjoint's convergence at every backward pass, to show
+  what that check costs per step;
 * ``Unrolled-FPI`` (quick/full only): ``Unrolled()`` with the forward solver replaced by
   ``FixedPointIteration`` with the same tolerances and ``max_steps=30``: classic unrolled
   backprop through plain iterations, to separate "unrolling" from "differentiating Anderson".
@@ -69,8 +72,9 @@ from . import _common as C
 
 NAME = "backward"
 STRATEGIES = ("IFT", "PhantomGrad", "JFB", "Unrolled")
-#: Extra variant (quick/full): unrolled backprop through plain fixed-point iteration.
-EXTRA = ("Unrolled-FPI",)
+#: Extra variants (quick/full): IFT without its non-convergence check (no host callback), and
+#: unrolled backprop through plain fixed-point iteration.
+EXTRA = ("IFT-nowarn", "Unrolled-FPI")
 
 
 def fpi_solver() -> deq.FixedPointIteration:
@@ -83,6 +87,7 @@ def make_backward(name: str):
     """The backward strategy called ``name`` (see the module docstring)."""
     return {
         "IFT": default_backward,
+        "IFT-nowarn": lambda: deq.IFT(solver=default_backward().solver, warn=False),
         "PhantomGrad": lambda: deq.PhantomGrad(steps=5, damping=0.5),
         "JFB": deq.JFB,
         "Unrolled": deq.Unrolled,
@@ -218,7 +223,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     # smoke checks the machinery: the cell without norms compiles markedly faster.
     arch = {"hidden": hidden, "use_norm": profile != "smoke"}
     batch = C.pick(profile, smoke=16, quick=64, full=64)
-    steps = C.pick(profile, smoke=5, quick=300, full=1500)
+    steps = C.pick(profile, smoke=5, quick=300, full=1000)
     rounds = C.pick(profile, smoke=1, quick=5, full=10)
     per_round = C.pick(profile, smoke=3, quick=5, full=5)
     n_cos = C.pick(profile, smoke=1, quick=2, full=4)
@@ -271,6 +276,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
         q25, q75 = np.percentile(ts, [25, 75])
         results[s]["timing"] = {
             "compile_s": results[s]["compile_s"], "median_s": float(np.median(ts)), "iqr_s": float(q75 - q25),
+            "q25_s": float(q25), "q75_s": float(q75),
             "min_s": float(ts.min()), "max_s": float(ts.max()), "mean_s": float(ts.mean()),
             "repeats": int(ts.size), "rounds": rounds, "per_round": per_round, "warmup_per_round": 2,
             "times_s": ts.tolist(),
@@ -410,14 +416,18 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
             axes[0].bar(xs + (i - 1) * w, [results[s]["cosine"][key] for s in names], w, label=label)
         lo = np.nanmin([[results[s]["cosine"][k] for k in ("init", "trained", "trained_ift_params")] for s in names])
         lo = 0.0 if not np.isfinite(lo) else lo
-        axes[0].set_ylim(max(0.0, lo - 0.05), 1.0)
+        axes[0].set_ylim(max(0.0, lo - 0.05), 1.0 + 0.25 * (1.0 - max(0.0, lo - 0.05)))
+        axes[0].axhline(1.0, color="k", lw=0.6)
         axes[0].set_ylabel("cosine similarity with exact gradient")
         axes[0].set_title("(a) gradient direction (float64 exact)")
-        axes[0].legend(fontsize=7, loc="lower left")
+        axes[0].legend(fontsize=6.5, loc="upper center", ncol=3, handlelength=1.0, columnspacing=0.8)
         ms = [1e3 * results[s]["time_per_step_s"] for s in names]
-        iqr = [1e3 * results[s]["timing"]["iqr_s"] / 2 for s in names]
-        axes[1].bar(xs, ms, yerr=iqr, capsize=3, color="tab:orange")
-        axes[1].set_ylabel("time per training step [ms] (median, IQR)")
+        iqr = [[1e3 * (results[s]["timing"]["median_s"] - results[s]["timing"]["q25_s"]) for s in names],
+               [1e3 * (results[s]["timing"]["q75_s"] - results[s]["timing"]["median_s"]) for s in names]]
+        axes[1].bar(xs, ms, yerr=iqr, capsize=3, color="tab:orange", label="median (whiskers: 25-75%)")
+        axes[1].plot(xs, [1e3 * results[s]["timing"]["min_s"] for s in names], "kv", ms=5, label="minimum")
+        axes[1].legend(fontsize=7)
+        axes[1].set_ylabel("time per training step [ms]")
         axes[1].set_title("(b) step time (compile excluded)")
         temp = [(results[s]["memory"]["xla_temp_bytes"] or 0) / 1024 for s in names]
         axes[2].bar(xs, temp, color="tab:purple")
