@@ -9,14 +9,19 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
+import numbers
 from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
 
 T = TypeVar("T")
 
 
 def _unknown_kwarg_error(owner: str, name: str, valid: list[str]) -> TypeError:
+    if not valid:
+        return TypeError(f"{owner} got an unexpected keyword argument `{name}`: it takes no arguments. Call {owner} as it is.")
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return TypeError(
@@ -57,23 +62,32 @@ def frozen(cls: type[T]) -> type[T]:
     return cls
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and _is_real(value)
+
+
 def check_nonneg(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+    if not _is_real(value) or not math.isfinite(value) or not value >= 0:
         raise ValueError(
-            f"{owner}: `{name}` must be a non-negative number, got {value!r}. "
+            f"{owner}: `{name}` must be a finite non-negative number, got {value!r}. "
             f"Pass e.g. {name}=1e-6 (0 disables this part of the stopping test)."
         )
 
 
 def check_positive_int(owner: str, name: str, value: Any, example: int = 10) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(
             f"{owner}: `{name}` must be an integer >= 1, got {value!r}. Pass e.g. {name}={example}."
         )
 
 
 def check_range(owner: str, name: str, value: Any, lo: float, hi: float, *, lo_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = _is_real(value) and not math.isnan(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
@@ -95,3 +109,8 @@ def check_tolerances(obj: Any) -> None:
             "Set at least one of them above 0, e.g. atol=1e-6."
         )
     check_positive_int(owner, "max_steps", obj.max_steps, example=50)
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: `{name}` must be a bool, got {value!r}. Pass True or False.")

@@ -49,10 +49,11 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw):
     if not leaves:
         raise ValueError("fixed_point: `z0` has no array leaves. Pass the initial state, e.g. jnp.zeros(n).")
     for leaf in leaves:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
-                f"fixed_point: every leaf of `z0` must be floating point, got {_describe(z0)}. "
-                "Cast it, e.g. z0.astype(jnp.float32)."
+                f"fixed_point: every leaf of `z0` must be floating point (real, not complex), got {_describe(z0)}. "
+                "Cast it, e.g. z0.astype(jnp.float32) (for a complex state, stack its real and "
+                "imaginary parts)."
             )
     if batch_axis == 0:
         sizes = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in leaves}
@@ -77,6 +78,10 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw):
 def _impl(f, z0, args, solver, backward, batch_axis, throw):
     _validate(f, z0, args, solver, backward, batch_axis, throw)
     packer = _tree.make_packer(z0, batch_axis)
+    try:
+        hash(f)
+    except TypeError:  # closure_convert memoizes on f: give it a hashable wrapper
+        f = (lambda g: lambda z, a: g(z, a))(f)
     f_conv, consts = jax.closure_convert(f, z0, args)
 
     def fn(x, params):

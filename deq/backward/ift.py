@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _loop
-from .._api import frozen
+from .._api import check_bool, frozen
 from .._tree import row_norm
 from ..solvers import GMRES, AbstractSolver, Anderson
 from ._base import AbstractBackward, report
@@ -60,6 +60,7 @@ class IFT(AbstractBackward):
     warn: bool = True
 
     def __post_init__(self):
+        check_bool("IFT", "warn", self.warn)
         if self.solver is None:
             object.__setattr__(self, "solver", _default_adjoint_solver())
         if not isinstance(self.solver, (AbstractSolver, GMRES)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._api import check_positive_int, check_range, check_tolerances, frozen
+from .._api import check_bool, check_positive_int, check_tolerances, frozen
 from .._tree import row_norm
 from ._base import AbstractSolver
 
@@ -61,8 +61,7 @@ class Broyden(AbstractSolver):
         check_tolerances(self)
         check_positive_int(owner, "history_size", self.history_size, example=20)
         check_positive_int(owner, "max_backtracks", self.max_backtracks, example=4)
-        if not isinstance(self.line_search, bool):
-            raise TypeError(f"{owner}: `line_search` must be a bool, got {self.line_search!r}. Pass True or False.")
+        check_bool(owner, "line_search", self.line_search)
 
     def init(self, F, x, fx):
         B, n = x.shape
@@ -90,12 +89,8 @@ class Broyden(AbstractSolver):
         r = residual(x_new, fx_new)
         accepted = ~active | (r <= (1.0 - 1e-4) * g_norm)
 
-        def cond(c):
-            i, _, _, _, acc, _ = c
-            return (i < self.max_backtracks) & ~jnp.all(acc)
-
-        def body(c):
-            i, s, xb, fxb, acc, rb = c
+        def trial(c):
+            s, xb, fxb, acc, rb = c
             s = jnp.where(acc, s, 0.5 * s)
             xt = jnp.where(acc[:, None], xb, x + s[:, None] * p)
             fxt = F(xt)
@@ -105,11 +100,14 @@ class Broyden(AbstractSolver):
             fxb = jnp.where(take[:, None], fxt, fxb)
             rb = jnp.where(take, rt, rb)
             acc = acc | (rt <= (1.0 - 1e-4 * s) * g_norm)
-            return i + 1, s, xb, fxb, acc, rb
+            return s, xb, fxb, acc, rb
 
-        s0 = jnp.ones_like(g_norm)
-        init = (jnp.zeros((), jnp.int32), s0, x_new, fx_new, accepted, r)
-        _, _, x_new, fx_new, _, _ = jax.lax.while_loop(cond, body, init)
+        # A static number of guarded trials (lax.cond, not while_loop), so that the search can
+        # be differentiated when the solve is unrolled; a trial runs only if some row needs it.
+        c = (jnp.ones_like(g_norm), x_new, fx_new, accepted, r)
+        for _ in range(self.max_backtracks):
+            c = jax.lax.cond(jnp.all(c[3]), lambda c: c, trial, c)
+        _, x_new, fx_new, _, _ = c
         return x_new, fx_new
 
     def step(self, F, x, fx, state, active):
