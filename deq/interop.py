@@ -38,6 +38,9 @@ _RESERVED = {
 def _row_map(F, x):
     """A per-row view `(p, x, fx) -> F(p)` of the row-wise packed map `F: (B, n) -> (B, n)`.
 
+    `p`, `x`, `fx` may be in a wider dtype than `x` (jaxopt's working dtype, see `_work_dtype`):
+    `F` is evaluated in the state's dtype and its value cast back.
+
     jaxopt works on one sample's vector, so its `init_state`/`update` are `vmap`ped over the
     rows of the batch. `F` cannot be applied to one row (it unpacks to a fixed batch size), so
     this function has a custom batching rule that evaluates `F` once on the whole `(B, n)`
@@ -48,10 +51,11 @@ def _row_map(F, x):
     Returns `(row, consts)`: jaxopt calls `row(p, x, fx, *consts)` for one row.
     """
     F_conv, consts = jax.closure_convert(F, x)
+    dtype = x.dtype
 
     def apply(p, x, fx, consts):
         hit = jnp.all(p == x)
-        return jax.lax.cond(hit, lambda: fx, lambda: F_conv(p, *consts))
+        return jax.lax.cond(hit, lambda: fx, lambda: F_conv(p.astype(dtype), *consts).astype(fx.dtype))
 
     rows = x.shape[0]
 
@@ -78,6 +82,16 @@ def _row_map(F, x):
         return apply(p, x, fx, consts), True
 
     return row, consts
+
+
+def _work_dtype(x):
+    """The dtype jaxopt runs in: the state's, widened to JAX's default float dtype.
+
+    jaxopt creates part of its state (Anderson's Gram matrix, its least-squares system) in the
+    default float dtype, which is float64 when x64 is enabled; giving it float32 iterates
+    then makes its steps change dtype. Running jaxopt in the default dtype avoids that.
+    """
+    return jnp.promote_types(x.dtype, jnp.result_type(float))
 
 
 def _strong(tree, like=None):
@@ -209,12 +223,15 @@ class JaxoptSolver(AbstractSolver):
 
     def init(self, F, x, fx):
         solver, consts = self.build(F, x)
-        state = jax.vmap(lambda xr, fxr: solver.init_state(xr, xr, fxr, *consts))(x, fx)
+        wd = _work_dtype(x)
+        state = jax.vmap(lambda xr, fxr: solver.init_state(xr, xr, fxr, *consts))(x.astype(wd), fx.astype(wd))
         return _strong(state)
 
     def step(self, F, x, fx, state, active):
         solver, consts = self.build(F, x)
-        out = jax.vmap(lambda xr, sr, fxr: solver.update(xr, sr, xr, fxr, *consts))(x, state, fx)
+        wd = _work_dtype(x)
+        out = jax.vmap(lambda xr, sr, fxr: solver.update(xr, sr, xr, fxr, *consts))(
+            x.astype(wd), state, fx.astype(wd))
         x_new = jnp.where(active[:, None], out.params.astype(x.dtype), x)
         new_state = where_rows(active, _strong(out.state, state), state)
         return x_new, F(x_new), new_state

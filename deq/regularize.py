@@ -500,4 +500,5 @@ def correction_loss(loss_fn: Callable[[Any], jax.Array], iterates: Sequence[Any]
                 f"correction_loss: `loss_fn` must return a scalar, got shape {l.shape} for iterate "
                 f"{k}. Reduce it, e.g. with jnp.mean."
             )
+    w = w.astype(jnp.result_type(*losses)) if jnp.issubdtype(jnp.result_type(*losses), jnp.floating) else w
     return sum(w[k] * losses[k] for k in range(len(losses)))

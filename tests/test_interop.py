@@ -77,6 +77,16 @@ def test_per_sample_stopping():
     np.testing.assert_allclose(sol.value, ref, atol=1e-9)
 
 
+def test_float32_state_with_x64_enabled():
+    # jaxopt builds part of its Anderson state in the default (float64) dtype; the adapter runs
+    # jaxopt in that dtype and keeps deq's float32 state.
+    solver = JaxoptSolver(jaxopt.AndersonAcceleration, rtol=1e-5, atol=1e-6)
+    x32 = X.astype(jnp.float32)
+    sol = deq.fixed_point(cell, jnp.zeros_like(x32), (W.astype(jnp.float32), x32), solver=solver, batch_axis=0)
+    assert sol.value.dtype == jnp.float32 and bool(jnp.all(sol.stats.converged))
+    np.testing.assert_allclose(sol.value, solve(deq.Anderson(**TIGHT), X, 0).value, atol=1e-4)
+
+
 def test_unrolled_and_outer_vmap():
     solver = JaxoptSolver(jaxopt.FixedPointIteration, rtol=0.0, atol=1e-12, max_steps=40)
     g_unrolled = jax.grad(lambda x: jnp.sum(solve(solver, x, 0, backward=deq.Unrolled()).value ** 2))(X)
