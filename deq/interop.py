@@ -122,7 +122,9 @@ class JaxoptSolver(AbstractSolver):
     per step for `jaxopt.FixedPointIteration` (jaxopt's evaluation at the current iterate is
     served from the driver's), two for `jaxopt.AndersonAcceleration` once its history is full
     (jaxopt evaluates `f` at its extrapolated point, which it does not return). deq's own
-    `deq.Anderson` needs one, which is why it stays the default.
+    `deq.Anderson` needs one, which is why it stays the default. jaxopt runs in the state's
+    dtype widened to JAX's default float dtype (float64 when x64 is enabled), because it
+    builds part of its state in that dtype; deq's iterates keep their own dtype.
 
     jaxopt's `maxiter`, `tol`, `implicit_diff`, `implicit_diff_solve`, `has_aux` and
     `fixed_point_fun` are decided by deq and are refused as options: use `max_steps`,
