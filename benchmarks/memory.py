@@ -45,7 +45,8 @@ Memory is measured two ways, both reported per (method, depth):
     reported apart (``compile_peak_delta_mib``). Reported:
 
     * ``peak_rss_delta_mib``: peak RSS during the step minus the RSS of the fresh process after
-      imports (parameters, data, the compiled executable and the step's buffers);
+      imports (parameters, data, what building the model left behind, the compiled executable
+      and the step's buffers);
     * ``exec_peak_delta_mib``: peak RSS during the step minus the RSS just before it (only what
       executing the step allocated).
 
@@ -409,35 +410,47 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
     print(f"wrote {path}  ({wall:.1f} s wall, {cpu:.1f} s CPU, load average {os.getloadavg()[0]:.1f})")
 
     if not no_plot:
-        plt = C.pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        styles = {"deq": ("tab:blue", "o", "DEQ (IFT backward)"), "unrolled": ("tab:red", "s", "unrolled net (backprop)")}
-        for method in METHODS:
-            rows = [p for p in points if p["method"] == method]
-            ds = [p["depth"] for p in rows]
-            color, marker, label = styles[method]
-            axes[0].plot(ds, [p["peak_rss_delta_mib"] for p in rows], marker=marker, color=color,
-                         label=f"{label}: peak RSS delta")
-            if all(p["exec_peak_delta_mib"] is not None for p in rows):
-                axes[0].plot(ds, [p["exec_peak_delta_mib"] for p in rows], marker=marker, color=color,
-                             ls="--", mfc="none", label=f"{label}: step execution only")
-            slope = summary[method]["slope_xla_temp_mib_per_depth"]
-            axes[1].plot(ds, [p["xla_temp_mib"] for p in rows], marker=marker, color=color,
-                         label=label if slope is None else f"{label}: slope {slope:.3g} MiB/depth")
-        axes[0].set_title("(a) peak RSS in a fresh process")
-        axes[0].set_ylabel("memory above process baseline [MiB]")
-        axes[1].set_title("(b) XLA memory analysis: temp buffers")
-        axes[1].set_ylabel("temp_size_in_bytes [MiB]")
-        for ax in axes:
-            ax.set_xscale("log")
-            ax.set_xlabel("effective depth K (forward solver steps / layers)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"One training step (forward + backward), width {width}, batch {batch}, float32, "
-                     f"{C.environment()['jax_backend']}", fontsize=10)
-        fig.tight_layout()
-        C.save_figure(fig, out, NAME)
+        plot(payload, out)
     return payload
+
+
+def plot(payload: dict[str, Any], out) -> Any:
+    """Draw memory against depth (both measurements) from a result payload; save the PNG.
+
+    Also usable on a saved result: ``plot(json.load(open("memory.json")), out_dir)``.
+    """
+    points, summary, st = payload["points"], payload["summary"], payload["settings"]
+    plt = C.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"deq": ("tab:blue", "o", "DEQ (IFT backward)"), "unrolled": ("tab:red", "s", "unrolled net (backprop)")}
+    for method in METHODS:
+        rows = [p for p in points if p["method"] == method]
+        ds = [p["depth"] for p in rows]
+        color, marker, label = styles[method]
+        axes[0].plot(ds, [p["peak_rss_delta_mib"] for p in rows], marker=marker, color=color,
+                     label=f"{label}: peak RSS delta")
+        if all(p["exec_peak_delta_mib"] is not None for p in rows):
+            axes[0].plot(ds, [p["exec_peak_delta_mib"] for p in rows], marker=marker, color=color,
+                         ls="--", mfc="none", label=f"{label}: step execution only")
+        slope = summary[method]["slope_xla_temp_mib_per_depth"]
+        if slope is not None:
+            slope = 0.0 if abs(slope) < 1e-6 else slope  # least-squares round-off on a flat line
+        axes[1].plot(ds, [p["xla_temp_mib"] for p in rows], marker=marker, color=color,
+                     label=label if slope is None else f"{label}: slope {slope:.3g} MiB/depth")
+    axes[0].set_title("(a) peak RSS in a fresh process")
+    axes[0].set_ylabel("memory above process baseline [MiB]")
+    axes[1].set_title("(b) XLA memory analysis: temp buffers")
+    axes[1].set_ylabel("temp_size_in_bytes [MiB]")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("effective depth K (forward solver steps / layers)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    backend = payload.get("environment", {}).get("jax_backend") or C.environment()["jax_backend"]
+    fig.suptitle(f"One training step (forward + backward), width {st['width']}, batch {st['batch']}, "
+                 f"float32, {backend}", fontsize=10)
+    fig.tight_layout()
+    return C.save_figure(fig, out, NAME)
 
 
 def main(argv=None) -> None:
