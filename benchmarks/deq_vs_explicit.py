@@ -54,7 +54,11 @@ Targets (printed PASS/MISS, stored under ``targets``):
   reaches the 2x of Bai et al. 2021 (who report ~2-3x fewer function evaluations).
 
 Timings are wall-clock on whatever machine runs the script; ``settings.load_average`` records
-the machine's load before and after, since other processes inflate them.
+the machine's load before and after, since other processes inflate wall times. Each run also
+records the process CPU time per training step (``time.process_time`` between ``fit``'s
+per-step callbacks, evaluation and probes excluded; it includes ``fit``'s per-step Python
+work), which other processes inflate much less: ``train_cpu_s``, ``step_cpu_median_s``,
+``cpu_time_to_target_s``.
 """
 
 from __future__ import annotations
@@ -316,15 +320,22 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
     probe_x = np.asarray(ds.x_train[: st["batch_size"]])
     probe_y = np.asarray(ds.y_train[: st["batch_size"]])
     probes: dict[int, dict[str, float]] = {}
+    cpu_steps: list[float] = []
+    last_end = [0.0]
 
     def on_record(record):
-        if record["kind"] == "eval" and is_deq and probe_backward:
+        now = time.process_time()
+        if record["kind"] == "train":
+            cpu_steps.append(now - last_end[0])
+        elif is_deq and probe_backward:
             out = jax.device_get(adjoint_probe(model, probe_x, probe_y))
             probes[record["step"]] = {k: float(v) for k, v in out.items()}
+        last_end[0] = time.process_time()
         return None
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", deq.NonConvergenceWarning)
+        last_end[0] = time.process_time()
         hist = fit(model, ds, cfg, callbacks=[on_record],
                    aux_loss_fn=jacobian_aux_loss if kind == "deq_jr" else None)
     nonconv_backward = sum(1 for w in caught if "backward" in str(w.message))
@@ -338,6 +349,11 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
     clean = step_times.copy()
     clean[0] = median
     cum = np.cumsum(clean)
+    cpu = np.array(cpu_steps)
+    cpu_median = float(np.median(cpu[1:])) if len(cpu) > 1 else float(cpu[0])
+    cpu_clean = cpu.copy()
+    cpu_clean[0] = cpu_median
+    cpu_cum = np.cumsum(cpu_clean)
 
     def epoch_mean(name):
         vals = hist.metric(name)
@@ -350,6 +366,7 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
         "epoch": [r["step"] / per_epoch for r in evals],
         "step": [r["step"] for r in evals],
         "train_time_s": [float(cum[r["step"] - 1]) for r in evals],
+        "train_cpu_s": [float(cpu_cum[r["step"] - 1]) for r in evals],
         "test_accuracy": [r["accuracy"] for r in evals],
         "test_loss": [r["loss"] for r in evals],
         "train_accuracy_epoch": epoch_mean("accuracy"),
@@ -358,7 +375,9 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
         "final_loss": hist.test_loss,
         "step_time_median_s": median,
         "step_time_iqr_s": float(q75 - q25),
+        "step_cpu_median_s": cpu_median,
         "compile_s": float(step_times[0] - median),
+        "compile_cpu_s": float(cpu[0] - cpu_median),
         "num_steps": len(step_times),
         "fit_run_time_s": hist.run_time,
     }
@@ -366,6 +385,7 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
     t_hit = first_crossing(rec["train_time_s"], rec["test_accuracy"], acc_target)
     e_hit = first_crossing(rec["epoch"], rec["test_accuracy"], acc_target)
     rec["time_to_target_s"] = t_hit
+    rec["cpu_time_to_target_s"] = first_crossing(rec["train_cpu_s"], rec["test_accuracy"], acc_target)
     rec["epochs_to_target"] = e_hit
     if is_deq:
         rec["train_forward_steps_epoch"] = epoch_mean("forward_steps")
@@ -403,10 +423,13 @@ def summarize(kind: str, runs: list[dict[str, Any]], st: dict[str, Any]) -> dict
         "final_accuracy": _stats([r["final_accuracy"] for r in runs]),
         "final_loss": _stats([r["final_loss"] for r in runs]),
         "time_to_target_s": _stats([r["time_to_target_s"] for r in runs]),
+        "cpu_time_to_target_s": _stats([r["cpu_time_to_target_s"] for r in runs]),
         "epochs_to_target": _stats([r["epochs_to_target"] for r in runs]),
         "target_reached": f"{sum(r['time_to_target_s'] is not None for r in runs)}/{len(runs)}",
         "step_time_s": float(np.median([r["step_time_median_s"] for r in runs])),
+        "step_cpu_s": float(np.median([r["step_cpu_median_s"] for r in runs])),
         "compile_s": runs[0]["compile_s"],
+        "compile_cpu_s": runs[0]["compile_cpu_s"],
         "forward_steps": _stats([r["forward_steps_final"] for r in runs]),
         "backward_steps": _stats([r["backward_steps_final"] for r in runs]),
         "runs": runs,
@@ -433,24 +456,23 @@ def _band(ax, xs_runs, ys_runs, color, label, marker=None):
 
 def plot_dataset(plt, dname: str, res: dict[str, Any], st: dict[str, Any], nseeds: int):
     """Accuracy and loss vs epoch and vs training wall time for one dataset."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    xkeys = (("epoch", "epoch", "epoch"),
+             ("train_time_s", "training wall time (s, compilation excluded)", "training wall time"),
+             ("train_cpu_s", "training CPU time of the process (s, compilation excluded)", "training CPU time"))
     for kind, agg in res.items():
         runs = agg["runs"]
         label = f"{agg['label']} ({agg['params']:,} params)"
         for row, key, name in ((0, "test_accuracy", "test accuracy"), (1, "test_loss", "test loss")):
-            _band(axes[row, 0], [r["epoch"] for r in runs], [r[key] for r in runs], COLORS[kind], label, "o")
-            _band(axes[row, 1], [r["train_time_s"] for r in runs], [r[key] for r in runs], COLORS[kind], label, "o")
-            axes[row, 0].set_xlabel("epoch")
-            axes[row, 1].set_xlabel("training wall time (s, compilation excluded)")
-            for ax in axes[row]:
+            for col, (xkey, xlabel, xname) in enumerate(xkeys):
+                ax = axes[row, col]
+                _band(ax, [r[xkey] for r in runs], [r[key] for r in runs], COLORS[kind], label, "o")
+                ax.set_xlabel(xlabel)
                 ax.set_ylabel(f"{name} ({'fraction' if row == 0 else 'cross-entropy, nats'})")
+                ax.set_title(f"{name} vs {xname}")
                 ax.grid(alpha=0.3)
     for ax in axes[0]:
         ax.axhline(st["target_accuracy"], color="gray", ls=":", lw=1, label=f"target {st['target_accuracy']:.0%}")
-    axes[0, 0].set_title("test accuracy vs epoch")
-    axes[0, 1].set_title("test accuracy vs training wall time")
-    axes[1, 0].set_title("test loss vs epoch")
-    axes[1, 1].set_title("test loss vs training wall time")
     for ax in axes.ravel():
         ax.legend(fontsize=7)
     fig.suptitle(f"{dname}: dense DEQ vs explicit twins (hidden {st['hidden']}, depth {st['depth']}; "
@@ -620,7 +642,10 @@ def main(argv=None) -> dict[str, Any]:
                 "range": f"{acc['min']:.1%}-{acc['max']:.1%}",
                 "loss": agg["final_loss"]["mean"],
                 "ttt": "-" if ttt["mean"] is None else f"{ttt['mean']:.2f} ({agg['target_reached']})",
+                "ttt_cpu": "-" if agg["cpu_time_to_target_s"]["mean"] is None
+                else f"{agg['cpu_time_to_target_s']['mean']:.2f}",
                 "step_ms": agg["step_time_s"] * 1e3,
+                "step_cpu_ms": agg["step_cpu_s"] * 1e3,
                 "compile": agg["compile_s"],
                 "fwd": agg["forward_steps"]["mean"],
                 "bwd": agg["backward_steps"]["mean"],
@@ -628,7 +653,8 @@ def main(argv=None) -> dict[str, Any]:
     print()
     table = C.print_table(rows, [
         "dataset", "model", "params", ("acc", "test acc (mean ± sd, pts)"), ("range", "min-max"),
-        ("loss", "test loss"), ("ttt", "time to target s (reached)"), ("step_ms", "step ms (median)"),
+        ("loss", "test loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
+        ("step_ms", "step ms (median)"), ("step_cpu_ms", "step CPU ms"),
         ("compile", "compile s"), ("fwd", "fwd steps"), ("bwd", "bwd steps"),
     ], title=f"Final test accuracy over {nseeds} seed(s); target accuracy "
              + ", ".join(f"{d} {loaded[d][1]['target_accuracy']:.0%}" for d in results))

@@ -1,0 +1,267 @@
+"""Inference trade-off: test accuracy vs the number of forward solver steps allowed at evaluation.
+
+Run ``python -m benchmarks.inference --profile smoke|quick|full`` (``--out DIR``, ``--seed``,
+``--no-plot``).
+
+Each model of ``benchmarks.deq_vs_explicit`` is trained once (same settings, one seed):
+the dense DEQ, the DEQ with Jacobian regularization, the tied unrolled twin (depth ``K``) and
+the parameter-matched untied ResNet (depth ``K``) (the smoke profile trains only the DEQ and
+the tied twin, and sweeps two Anderson budgets). Then the trained DEQs are evaluated on the
+whole test split with the per-call solver override of ``deq.nn.DEQ``
+(``model.deq(u, solver=...)``) for every budget ``max_steps`` in a sweep (1..50):
+
+* ``anderson``: ``deq.Anderson(rtol=1e-3, atol=1e-5, max_steps=budget)`` -- the training
+  solver's tolerances, so a solve stops early once converged (``mean_steps`` is what it used);
+* ``fixed_point_iteration``: ``deq.FixedPointIteration`` with the same tolerances: plain
+  iteration ``z_{k+1} = f(z_k, u)`` from ``z_0 = 0`` (budget ``k`` is the DEQ's own cell applied
+  ``k`` times, unless it stops early).
+
+An explicit network has one fixed depth: the twins are shown as a horizontal line and a point at
+``K``. For reference the tied unrolled twin (trained at depth ``K``) is also run for ``k`` steps
+(``unrolled_any_depth``), which it was not trained for.
+
+Recorded per budget: test accuracy and loss, mean solver steps actually used, converged
+fraction, and the evaluation wall time of the whole test split (median of repeats after a
+compiling call; ``_common.time_fn``). Each budget is a separate compilation (the solver
+configuration is static).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import deq
+from benchmarks import _common as C
+from benchmarks import deq_vs_explicit as DVE
+from deq.nn.models import count_params
+from deq.train import cross_entropy
+
+NAME = "inference"
+
+#: Training tolerances of the models' default solver, kept in the sweep.
+RTOL, ATOL = 1e-3, 1e-5
+SOLVERS = {"anderson": deq.Anderson, "fixed_point_iteration": deq.FixedPointIteration}
+SOLVER_LABELS = {"anderson": "Anderson", "fixed_point_iteration": "fixed-point iteration"}
+
+
+@nnx.jit(static_argnames=("solver",))
+def eval_deq(model, x, y, solver):
+    """Test metrics of a DEQ classifier solved with ``solver`` (per-call override)."""
+    u = model._encode(x)
+    sol = model.deq(u, return_solution=True, solver=solver)
+    losses, correct = cross_entropy(model.head(sol.value), y)
+    return {
+        "accuracy": jnp.mean(correct), "loss": jnp.mean(losses),
+        "mean_steps": jnp.mean(sol.stats.num_steps.astype(jnp.float32)),
+        "converged_frac": jnp.mean(sol.stats.converged.astype(jnp.float32)),
+    }
+
+
+@nnx.jit
+def eval_explicit(model, x, y):
+    """Test metrics of an explicit network (its own fixed depth)."""
+    logits, _ = model(x)
+    losses, correct = cross_entropy(logits, y)
+    return {"accuracy": jnp.mean(correct), "loss": jnp.mean(losses)}
+
+
+@nnx.jit
+def eval_tied(model, x, y, depth):
+    """The tied unrolled twin's cell applied ``depth`` times (traced: one compilation)."""
+    u = model._encode(x)
+    graphdef, state = nnx.split(model.cell)
+    z = jax.lax.fori_loop(0, depth, lambda i, z: nnx.merge(graphdef, state)(z, u), model.cell.init_state(u))
+    losses, correct = cross_entropy(model.head(z), y)
+    return {"accuracy": jnp.mean(correct), "loss": jnp.mean(losses)}
+
+
+def _timed(fn, *args, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    t = C.time_fn(fn, *args, warmup=1, repeats=repeats, clear_caches=False)
+    out = {k: float(v) for k, v in jax.device_get(fn(*args)).items()}
+    return out, {"eval_time_s": t["median_s"], "compile_s": t["compile_s"]}
+
+
+def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the models on one dataset, then sweep the evaluation budget."""
+    st = DVE.dataset_settings(profile, dname)
+    ds = DVE.load_dataset(dname, st)
+    budgets = C.pick(profile, smoke=[1, 5],
+                     quick=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 50],
+                     full=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50])
+    repeats = C.pick(profile, smoke=1, quick=3, full=5)
+    plan = C.pick(profile, smoke={"deq": ["anderson"]},
+                  quick={"deq": ["anderson", "fixed_point_iteration"], "deq_jr": ["anderson"]},
+                  full={"deq": ["anderson", "fixed_point_iteration"],
+                        "deq_jr": ["anderson", "fixed_point_iteration"]})
+    # The smoke profile (CI) trains only the DEQ and its tied twin: every compilation costs seconds.
+    kinds = list(plan) + C.pick(profile, smoke=["unrolled"], quick=["unrolled", "resnet"],
+                                full=["unrolled", "resnet"])
+    x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+
+    models, trained = {}, {}
+    for kind in C.progress(kinds, desc=f"{dname}: training"):
+        rec, model = DVE.run_one(kind, ds, st, seed, probe_backward=False)
+        models[kind] = model
+        trained[kind] = {
+            "label": DVE.LABELS[kind], "params": count_params(model),
+            "depth": None if kind in DVE.DEQ_MODELS else st["depth"],
+            "test_accuracy_after_training": rec["final_accuracy"],
+            "forward_steps_after_training": rec["forward_steps_final"],
+            "step_time_median_s": rec["step_time_median_s"],
+        }
+
+    sweep: dict[str, Any] = {}
+    jobs = [(kind, s, b) for kind, solvers in plan.items() for s in solvers for b in budgets]
+    for kind, sname, b in C.progress(jobs, desc=f"{dname}: budgets"):
+        solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=b)
+        metrics, timing = _timed(eval_deq, models[kind], x, y, solver, repeats=repeats)
+        sweep.setdefault(kind, {}).setdefault(sname, []).append({"max_steps": b, **metrics, **timing})
+
+    explicit = {}
+    for kind in [k for k in kinds if k not in DVE.DEQ_MODELS]:
+        metrics, timing = _timed(eval_explicit, models[kind], x, y, repeats=repeats)
+        explicit[kind] = {"label": DVE.LABELS[kind], "depth": st["depth"], "params": trained[kind]["params"],
+                          **metrics, **timing}
+    tied = []
+    for b in budgets:
+        metrics, timing = _timed(eval_tied, models["unrolled"], x, y, b, repeats=repeats)
+        tied.append({"depth": b, **metrics, **timing})
+
+    summary = summarize(sweep, explicit)
+    settings = {**st, "num_train": len(ds.x_train), "num_test": len(ds.x_test), "budgets": budgets,
+                "repeats": repeats, "solvers_per_model": plan}
+    return {"models": trained, "sweep": sweep, "explicit": explicit, "unrolled_any_depth": tied,
+            "summary": summary}, settings
+
+
+def _first_budget(points: list[dict[str, Any]], level: float) -> int | None:
+    for p in points:
+        if p["accuracy"] >= level:
+            return p["max_steps"]
+    return None
+
+
+def summarize(sweep: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """Smallest budgets reaching (within 1 point) the DEQ's best and the explicit twins' accuracy."""
+    out = {}
+    for kind, per in sweep.items():
+        for sname, points in per.items():
+            best = max(p["accuracy"] for p in points)
+            out[f"{kind}/{sname}"] = {
+                "best_accuracy": best,
+                "accuracy_at_max_budget": points[-1]["accuracy"],
+                "min_budget_within_1pt_of_best": _first_budget(points, best - DVE.MATCH_TOL),
+                **{f"min_budget_within_1pt_of_{e}": _first_budget(points, explicit[e]["accuracy"] - DVE.MATCH_TOL)
+                   for e in explicit},
+            }
+    return out
+
+
+def plot(plt, dname: str, res: dict[str, Any], st: dict[str, Any]):
+    """Accuracy vs max solver steps (left) and vs evaluation time (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    styles = {"anderson": "-", "fixed_point_iteration": "--"}
+    for kind, per in res["sweep"].items():
+        for sname, points in per.items():
+            label = f"{DVE.LABELS[kind]}, {SOLVER_LABELS[sname]}"
+            b = [p["max_steps"] for p in points]
+            acc = [p["accuracy"] for p in points]
+            axes[0].plot(b, acc, styles[sname], color=DVE.COLORS[kind], marker="o", ms=3, label=label)
+            axes[1].plot([p["eval_time_s"] * 1e3 for p in points], acc, styles[sname], color=DVE.COLORS[kind],
+                         marker="o", ms=3, label=label)
+    tied = res["unrolled_any_depth"]
+    axes[0].plot([p["depth"] for p in tied], [p["accuracy"] for p in tied], ":", color=DVE.COLORS["unrolled"],
+                 marker=".", label=f"{DVE.LABELS['unrolled']} (trained at K={st['depth']}) run for k steps")
+    for kind, e in res["explicit"].items():
+        label = f"{e['label']} (fixed depth {e['depth']}, {e['params']:,} params)"
+        axes[0].axhline(e["accuracy"], color=DVE.COLORS[kind], lw=1, alpha=0.7)
+        axes[0].plot([e["depth"]], [e["accuracy"]], "*", ms=12, color=DVE.COLORS[kind], label=label)
+        axes[1].plot([e["eval_time_s"] * 1e3], [e["accuracy"]], "*", ms=12, color=DVE.COLORS[kind], label=label)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("max forward solver steps allowed at evaluation (explicit: depth), log scale")
+    axes[0].set_title("test accuracy vs solver-step budget")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel(f"evaluation wall time of the {st['num_test']} test samples (ms, median), log scale")
+    axes[1].set_title("test accuracy vs inference time")
+    for ax in axes:
+        ax.set_ylabel("test accuracy (fraction)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    lo = min([p["accuracy"] for per in res["sweep"].values() for pts in per.values() for p in pts]
+             + [e["accuracy"] for e in res["explicit"].values()])
+    for ax in axes:
+        ax.set_ylim(max(0.0, lo - 0.02), 1.0)
+    fig.suptitle(f"{dname}: a DEQ can stop early or run longer at test time; an explicit net has one depth "
+                 f"(hidden {st['hidden']}, trained {st['epochs']} epochs)")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> dict[str, Any]:
+    """Run the benchmark; write ``inference.json`` and PNGs; return the payload."""
+    args = C.make_parser(__doc__.splitlines()[0]).parse_args(argv)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    datasets = C.pick(args.profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
+    results, per_settings = {}, {}
+    for dname in datasets:
+        results[dname], per_settings[dname] = sweep_dataset(dname, args.profile, args.seed)
+
+    rows = []
+    for dname, res in results.items():
+        for kind, per in res["sweep"].items():
+            for sname, points in per.items():
+                s = res["summary"][f"{kind}/{sname}"]
+                by_budget = {p["max_steps"]: p for p in points}
+                row = {"dataset": dname, "model": f"{DVE.LABELS[kind]}, {SOLVER_LABELS[sname]}",
+                       "best": s["best_accuracy"],
+                       "b_best": s["min_budget_within_1pt_of_best"],
+                       "b_unr": s.get("min_budget_within_1pt_of_unrolled"),
+                       "b_res": s.get("min_budget_within_1pt_of_resnet")}
+                for b in (1, 4, 8, 16, 50):
+                    if b in by_budget:
+                        row[f"acc{b}"] = f"{by_budget[b]['accuracy']:.1%} ({by_budget[b]['mean_steps']:.1f})"
+                rows.append(row)
+        for kind, e in res["explicit"].items():
+            rows.append({"dataset": dname, "model": f"{e['label']} (depth {e['depth']})", "best": e["accuracy"],
+                         "fixed": f"{e['accuracy']:.1%}"})
+    print()
+    table = C.print_table(rows, [
+        "dataset", "model", ("best", "best acc"),
+        ("acc1", "acc@1 (steps used)"), ("acc4", "acc@4"), ("acc8", "acc@8"), ("acc16", "acc@16"), ("acc50", "acc@50"),
+        ("fixed", "acc at own depth"),
+        ("b_best", "budget: within 1pt of best"), ("b_unr", "budget: ≥ unrolled-1pt"), ("b_res", "budget: ≥ ResNet-1pt"),
+    ], title="Test accuracy at a forward solver-step budget (max_steps; mean steps used in parentheses)")
+
+    figures = {}
+    if not args.no_plot:
+        plt = C.pyplot()
+        for dname, res in results.items():
+            path = C.save_figure(plot(plt, dname, res, per_settings[dname]), args.out, f"{NAME}_{dname}")
+            figures[dname] = str(path)
+
+    payload = {
+        "benchmark": NAME, "profile": args.profile,
+        "settings": {"profile": args.profile, "seed": args.seed, "datasets": per_settings,
+                     "solver_tolerances": {"rtol": RTOL, "atol": ATOL},
+                     "load_average": {"before": load_before, "after": os.getloadavg()}},
+        "results": results, "summary_table": table, "figures": figures,
+        "run_time_s": time.perf_counter() - started,
+    }
+    path = C.save_json(args.out, NAME, payload)
+    print(f"\ntable: {path}; run time {payload['run_time_s']:.1f} s")
+    for dname, fig_path in figures.items():
+        print(f"plot ({dname}): {fig_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
