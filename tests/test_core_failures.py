@@ -167,7 +167,6 @@ def test_throw_is_silent_when_the_solve_converges():
 SLOW = P.make_slow(1, n=P.N, rate=0.95)
 STARVED = {
     "iteration": deq.IFT(solver=deq.FixedPointIteration(max_steps=1)),
-    "anderson": deq.IFT(solver=deq.Anderson(max_steps=1)),
     "gmres": deq.IFT(solver=deq.GMRES(max_steps=1, restart=1)),
 }
 

@@ -35,20 +35,9 @@ APPROXIMATE = {
     "jfb": deq.JFB(),
 }
 
-UNROLLED_LINE_SEARCH_BUG = (
-    "BUG: deq.Unrolled() cannot differentiate Broyden(line_search=True): the backtracking in "
-    "deq/solvers/broyden.py (Broyden._line_search) is a lax.while_loop, which reverse-mode "
-    "autodiff rejects ('Reverse-mode differentiation does not work for lax.while_loop')."
-)
-
-
-def combo_marks(fwd: str, bwd: str):
-    if fwd == "broyden_ls" and bwd == "unrolled":
-        return [pytest.mark.xfail(strict=True, raises=ValueError, reason=UNROLLED_LINE_SEARCH_BUG)]
-    return []
-
-
-COMBOS = [pytest.param(f, b, marks=combo_marks(f, b), id=f"{f}-{b}") for f in FORWARD for b in BACKWARD]
+# (Broyden(line_search=True) with Unrolled used to fail: its backtracking was a lax.while_loop,
+# which reverse-mode autodiff rejects.)
+COMBOS = [pytest.param(f, b, id=f"{f}-{b}") for f in FORWARD for b in BACKWARD]
 
 
 def loss_and_value(params, x, z0, c, solver, backward):
@@ -113,7 +102,7 @@ def test_gradient_matches_finite_differences_and_unrolling(setup, fwd, bwd):
     n=st.integers(1, 6),
     d=st.integers(1, 4),
     seed=st.integers(0, 1000),
-    combo=st.sampled_from([(f, b) for f in FORWARD for b in BACKWARD if (f, b) != ("broyden_ls", "unrolled")]),
+    combo=st.sampled_from([(f, b) for f in FORWARD for b in BACKWARD]),
 )
 def test_gradient_property_over_shapes(n, d, seed, combo):
     fwd, bwd = combo
