@@ -159,7 +159,7 @@ def load_dataset(name: str, settings: dict[str, Any], *, mnist: Path | None = No
                              "x_train, y_train, x_test, y_test; nothing is downloaded)")
         try:
             ds = (load_mnist if name == "mnist" else load_cifar10)(path)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise SystemExit(f"error: {flag} {path}: cannot read it: {first}") from None
     else:

@@ -1,0 +1,173 @@
+"""The training benchmarks run end to end in their smoke profiles and write complete results.
+
+``benchmarks.deq_vs_explicit``, ``benchmarks.inference`` and ``benchmarks.test_time_compute``
+are each run as ``python -m benchmarks.X --profile smoke --out DIR`` in a subprocess (the three
+at once, so that they share the CPU cores), with ``DEQ_NO_PROGRESS=1``. Their cost is almost
+all XLA compilation, so the subprocesses get ``XLA_FLAGS`` that lower XLA's backend
+optimisation level (compilation about twice as fast; the smoke numbers are not measurements).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from benchmarks import _common as C  # noqa: E402
+
+BENCHES = ("deq_vs_explicit", "inference", "test_time_compute")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+TIMEOUT_S = 1200
+
+
+def _result(out: Path, name: str, suffix: str = ".json") -> Path:
+    for stem in (name, f"{name}-gpu"):
+        path = out / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    return out / f"{name}{suffix}"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_training")
+    env = dict(os.environ, DEQ_NO_PROGRESS="1")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(C.REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    procs = {}
+    for name in BENCHES:
+        out = root / name
+        procs[name] = (out, subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{name}", "--profile", "smoke", "--out", str(out)],
+            cwd=C.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    runs = {}
+    try:
+        for name, (out, proc) in procs.items():
+            stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+            runs[name] = {"out": out, "rc": proc.returncode, "stdout": stdout}
+    finally:
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return runs
+
+
+def _load(smoke, name):
+    run = smoke[name]
+    assert run["rc"] == 0, f"{name} failed:\n{run['stdout'][-4000:]}"
+    path = _result(run["out"], name)
+    assert path.exists(), run["stdout"][-2000:]
+    assert str(path) in run["stdout"]  # the script says where its table is
+    data = json.loads(path.read_text())  # strict JSON
+    assert data["profile"] == "smoke"
+    assert data["settings"]
+    assert len(data["environment"]["git"]["commit"]) == 40
+    assert data["environment"]["versions"]["jax"]
+    assert data["run_time_s"] > 0
+    assert data["summary_table"]
+    for fig in data["figures"].values():
+        assert Path(fig).exists() and Path(fig).suffix == ".png" and str(fig) in run["stdout"]
+    return run["out"], data
+
+
+def _acc(a):
+    return a is not None and 0.0 <= a <= 1.0
+
+
+def test_deq_vs_explicit_smoke(smoke):
+    out, data = _load(smoke, "deq_vs_explicit")
+    assert _result(out, "deq_vs_explicit_digits", ".png").exists()
+    assert _result(out, "deq_vs_explicit_solver_steps", ".png").exists()
+    st = data["settings"]["datasets"]["digits"]
+    res = data["results"]["digits"]
+    assert set(res) == {"deq", "deq_jr", "unrolled", "resnet"}
+    for kind, agg in res.items():
+        assert agg["params"] > 0
+        assert _acc(agg["final_accuracy"]["mean"]) and agg["final_accuracy"]["n"] == len(data["settings"]["seeds"])
+        assert agg["final_loss"]["mean"] > 0
+        assert agg["step_time_s"] > 0 and agg["step_cpu_s"] > 0
+        assert agg["forward_steps"]["mean"] >= 1
+        run = agg["runs"][0]
+        n_eval = st["epochs"]
+        for key in ("epoch", "train_time_s", "train_cpu_s", "test_accuracy", "test_loss"):
+            assert len(run[key]) == n_eval, (kind, key)
+        assert all(b >= a for a, b in zip(run["train_time_s"], run["train_time_s"][1:]))
+        assert "time_to_target_s" in run and "compile_s" in run
+        if kind in ("deq", "deq_jr"):
+            assert len(run["train_forward_steps_epoch"]) == st["epochs"]
+            assert 1 <= run["forward_steps_final"] <= 30
+            assert "backward_steps" in run
+        else:
+            assert agg["forward_steps"]["mean"] == st["depth"] == agg["depth"]
+    # Same cell for the DEQ and its tied twin; the matched ResNet is within a few percent.
+    assert res["deq"]["params"] == res["deq_jr"]["params"] == res["unrolled"]["params"]
+    assert abs(res["resnet"]["params"] / res["deq"]["params"] - 1) < 0.1
+    assert data["settings"]["params_resnet_equal_width"]["digits"] > res["deq"]["params"]
+    assert res["deq_jr"]["runs"][0]["jac_penalty_epoch"][0] > 0
+    assert data["targets"] and all(isinstance(t["passed"], bool) for t in data["targets"])
+    assert "PASS" in smoke["deq_vs_explicit"]["stdout"] or "MISS" in smoke["deq_vs_explicit"]["stdout"]
+
+
+def test_inference_smoke(smoke):
+    out, data = _load(smoke, "inference")
+    assert _result(out, "inference_digits", ".png").exists()
+    res = data["results"]["digits"]
+    budgets = data["settings"]["datasets"]["digits"]["budgets"]
+    points = res["sweep"]["deq"]["anderson"]
+    assert [p["max_steps"] for p in points] == budgets
+    for p in points:
+        assert _acc(p["accuracy"]) and p["eval_time_s"] > 0
+        assert 1 <= p["mean_steps"] <= p["max_steps"]
+        assert 0 <= p["converged_frac"] <= 1
+    assert _acc(res["explicit"]["unrolled"]["accuracy"]) and res["explicit"]["unrolled"]["depth"] >= 1
+    assert [p["depth"] for p in res["unrolled_any_depth"]] == budgets
+    assert res["models"]["deq"]["params"] == res["models"]["unrolled"]["params"]
+    assert "deq/anderson" in res["summary"]
+
+
+def test_test_time_compute_smoke(smoke):
+    out, data = _load(smoke, "test_time_compute")
+    assert _result(out, "test_time_compute", ".png").exists()
+    st = data["settings"]
+    for sname in st["solvers"]:
+        per = data["results"]["deq"][sname]
+        assert set(per) == {str(L) for L in st["test_lengths"]}
+        for L in st["test_lengths"]:
+            assert set(per[str(L)]) == {str(b) for b in st["budgets"]}
+            for b in st["budgets"]:
+                cell = per[str(L)][str(b)]
+                assert _acc(cell["token_accuracy"]["mean"]) and _acc(cell["sequence_accuracy"]["mean"])
+                assert cell["mean_steps"]["mean"] <= b
+    for kind in ("unrolled", "stack"):
+        for L in st["test_lengths"]:
+            assert _acc(data["results"]["explicit"][kind][str(L)]["token_accuracy"]["mean"])
+    for kind, m in data["models"].items():
+        assert m["params"] > 0 and m["step_time_median_s"] > 0 and _acc(m["train_length_test_accuracy"])
+    assert data["models"]["deq"]["params"] == data["models"]["unrolled"]["params"] < data["models"]["stack"]["params"]
+    longest = max(st["test_lengths"])
+    pos = data["runs"][0]["deq"][st["solvers"][0]][str(longest)][str(st["budgets"][0])]["position_accuracy"]
+    assert len(pos) == longest
+    assert len(data["targets"]) == 3 and all(isinstance(t["passed"], bool) for t in data["targets"])
+
+
+def test_missing_dataset_file_is_a_one_line_error(tmp_path):
+    from benchmarks import deq_vs_explicit
+
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(SystemExit) as e:
+        deq_vs_explicit.main(["--profile", "smoke", "--out", str(tmp_path), "--mnist", str(missing)])
+    msg = str(e.value)
+    assert msg.startswith("error: --mnist") and str(missing) in msg and "\n" not in msg
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(SystemExit) as e:
+        deq_vs_explicit.main(["--profile", "smoke", "--out", str(tmp_path), "--cifar", str(bad)])
+    assert str(e.value).startswith("error: --cifar") and "\n" not in str(e.value)
+    assert not list(tmp_path.glob("*.json"))
