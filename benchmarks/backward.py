@@ -407,50 +407,64 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     print(f"wrote {path}  ({wall:.1f} s wall, {cpu:.1f} s CPU, load average {os.getloadavg()[0]:.1f})")
 
     if not no_plot:
-        plt = C.pyplot()
-        fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-        xs = np.arange(len(names))
-        w = 0.27
-        for i, (label, key) in enumerate((("at init", "init"), ("after training (own)", "trained"),
-                                          ("at IFT-trained params", "trained_ift_params"))):
-            axes[0].bar(xs + (i - 1) * w, [results[s]["cosine"][key] for s in names], w, label=label)
-        lo = np.nanmin([[results[s]["cosine"][k] for k in ("init", "trained", "trained_ift_params")] for s in names])
-        lo = 0.0 if not np.isfinite(lo) else lo
-        axes[0].set_ylim(max(0.0, lo - 0.05), 1.0 + 0.25 * (1.0 - max(0.0, lo - 0.05)))
-        axes[0].axhline(1.0, color="k", lw=0.6)
-        axes[0].set_ylabel("cosine similarity with exact gradient")
-        axes[0].set_title("(a) gradient direction (float64 exact)")
-        axes[0].legend(fontsize=6.5, loc="upper center", ncol=3, handlelength=1.0, columnspacing=0.8)
-        ms = [1e3 * results[s]["time_per_step_s"] for s in names]
-        iqr = [[1e3 * (results[s]["timing"]["median_s"] - results[s]["timing"]["q25_s"]) for s in names],
-               [1e3 * (results[s]["timing"]["q75_s"] - results[s]["timing"]["median_s"]) for s in names]]
-        axes[1].bar(xs, ms, yerr=iqr, capsize=3, color="tab:orange", label="median (whiskers: 25-75%)")
-        axes[1].plot(xs, [1e3 * results[s]["timing"]["min_s"] for s in names], "kv", ms=5, label="minimum")
-        axes[1].legend(fontsize=7)
-        axes[1].set_ylabel("time per training step [ms]")
-        axes[1].set_title("(b) step time (compile excluded)")
-        temp = [(results[s]["memory"]["xla_temp_bytes"] or 0) / 1024 for s in names]
-        axes[2].bar(xs, temp, color="tab:purple")
-        axes[2].set_ylabel("XLA temp memory of the step [KiB]")
-        axes[2].set_title("(b) step memory")
-        acc = [100 * results[s]["accuracy"] for s in names]
-        err = [100 * results[s]["accuracy_std"] for s in names]
-        axes[3].bar(xs, acc, yerr=err, capsize=3, color="tab:green")
-        for i, s in enumerate(names):
-            axes[3].plot([i] * len(results[s]["accuracies"]), [100 * a for a in results[s]["accuracies"]],
-                         "k.", ms=5)
-        axes[3].set_ylim(max(0.0, min(acc) - 10), 100)
-        axes[3].set_ylabel("test accuracy [%]")
-        axes[3].set_title(f"(c) after {steps} Adam steps, {len(seeds)} seed(s)")
-        for ax in axes:
-            ax.set_xticks(xs, names, fontsize=8)
-            ax.set_xlabel("backward strategy")
-            ax.grid(True, axis="y", alpha=0.3)
-        fig.suptitle(f"DEQClassifier(64, {hidden}, 10) on digits, float32, batch {batch}, "
-                     f"{C.environment()['jax_backend']}", fontsize=10)
-        fig.tight_layout()
-        C.save_figure(fig, out, NAME)
+        plot(payload, out)
     return payload
+
+
+def _num(x) -> float:
+    """A JSON number, or NaN for null (non-finite values are stored as null)."""
+    return float("nan") if x is None else float(x)
+
+
+def plot(payload: dict[str, Any], out) -> Any:
+    """Bar charts (cosine, time per step, step memory, accuracy) from a result payload; save the PNG.
+
+    Also usable on a saved result: ``plot(json.load(open("backward.json")), out_dir)``.
+    """
+    results, st = payload["strategies"], payload["settings"]
+    names = list(results)
+    plt = C.pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.4))
+    xs = np.arange(len(names))
+    w = 0.27
+    keys = (("at init", "init"), ("after training (own)", "trained"), ("at IFT-trained params", "trained_ift_params"))
+    for i, (label, key) in enumerate(keys):
+        axes[0].bar(xs + (i - 1) * w, [_num(results[s]["cosine"][key]) for s in names], w, label=label)
+    lo = np.nanmin([[_num(results[s]["cosine"][k]) for _, k in keys] for s in names])
+    lo = max(0.0, lo - 0.05) if np.isfinite(lo) else 0.0
+    axes[0].set_ylim(lo, 1.0 + 0.25 * (1.0 - lo))
+    axes[0].axhline(1.0, color="k", lw=0.6)
+    axes[0].set_ylabel("cosine similarity with exact gradient")
+    axes[0].set_title("(a) gradient direction (float64 exact)")
+    axes[0].legend(fontsize=6.5, loc="upper center", ncol=3, handlelength=1.0, columnspacing=0.8)
+    tm = [results[s]["timing"] for s in names]
+    ms = [1e3 * t["median_s"] for t in tm]
+    quart = [[1e3 * (t["median_s"] - t["q25_s"]) for t in tm], [1e3 * (t["q75_s"] - t["median_s"]) for t in tm]]
+    axes[1].bar(xs, ms, yerr=quart, capsize=3, color="tab:orange", label="median (whiskers: 25-75%)")
+    axes[1].plot(xs, [1e3 * t["min_s"] for t in tm], "kv", ms=5, label="minimum")
+    axes[1].legend(fontsize=7)
+    axes[1].set_ylabel("time per training step [ms]")
+    axes[1].set_title("(b) step time (compile excluded)")
+    temp = [(results[s]["memory"]["xla_temp_bytes"] or 0) / 1024 for s in names]
+    axes[2].bar(xs, temp, color="tab:purple")
+    axes[2].set_ylabel("XLA temp memory of the step [KiB]")
+    axes[2].set_title("(b) step memory")
+    acc = [100 * results[s]["accuracy"] for s in names]
+    err = [100 * results[s]["accuracy_std"] for s in names]
+    axes[3].bar(xs, acc, yerr=err, capsize=3, color="tab:green")
+    for i, s in enumerate(names):
+        axes[3].plot([i] * len(results[s]["accuracies"]), [100 * a for a in results[s]["accuracies"]], "k.", ms=5)
+    axes[3].set_ylim(max(0.0, min(acc) - 10), 100)
+    axes[3].set_ylabel("test accuracy [%]")
+    axes[3].set_title(f"(c) after {st['train_steps']} Adam steps, {len(st['seeds'])} seed(s)")
+    for ax in axes:
+        ax.set_xticks(xs, names, fontsize=8, rotation=25, ha="right")
+        ax.set_xlabel("backward strategy")
+        ax.grid(True, axis="y", alpha=0.3)
+    backend = payload.get("environment", {}).get("jax_backend") or C.environment()["jax_backend"]
+    fig.suptitle(f"{st['model']} on digits, float32, batch {st['batch_size']}, {backend}", fontsize=10)
+    fig.tight_layout()
+    return C.save_figure(fig, out, NAME)
 
 
 def main(argv=None) -> None:
