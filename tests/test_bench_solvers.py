@@ -1,0 +1,75 @@
+"""The solvers benchmark runs end to end in its smoke profile and writes complete results."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("jaxopt")
+pytest.importorskip("optimistix")
+pytest.importorskip("lineax")
+pytest.importorskip("matplotlib")
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import solvers as S  # noqa: E402
+
+PER_SOLVER = ("steps", "f_evals", "final_residual", "converged", "forward_s", "forward_backward_s",
+              "ift_backward_s", "compile_s", "memory", "overhead", "trace", "grad_rel_error")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_solvers")
+    os.environ.setdefault("DEQ_NO_PROGRESS", "1")
+    payload = S.main(["--profile", "smoke", "--out", str(out)])
+    return out, payload
+
+
+def test_json_has_every_field(smoke):
+    out, _ = smoke
+    path = C.result_path(out, "solvers")
+    data = json.loads(path.read_text())  # strict JSON (save_json refuses NaN literals)
+    assert data["profile"] == "smoke"
+    assert data["environment"]["git"]["commit"]
+    assert data["problem"]["tolerance"] == S.TOL and data["problem"]["max_steps"] == S.MAX_STEPS
+    assert set(data["results"]) == {S.CONTRACTIVE, S.HARD}
+    for problem, per in data["results"].items():
+        assert set(per) == set(S.SOLVERS)
+        for name, rec in per.items():
+            for key in PER_SOLVER:
+                assert key in rec, (problem, name, key)
+            assert rec["steps"] >= 1 and rec["f_evals"] >= 1
+            assert rec["forward_s"] > 0 and rec["forward_backward_s"] > 0
+            assert rec["final_residual"] is not None
+            assert rec["memory"]["forward"] is None or rec["memory"]["forward"]["total_bytes"] > 0
+            assert rec["memory"]["forward_backward"] is None or "temp_size_in_bytes" in rec["memory"]["forward_backward"]
+        first = per[S.SOLVERS[0]]
+        if problem == S.CONTRACTIVE:
+            assert first["compile_s"]["forward"] > 0 and first["compile_s"]["forward_backward"] > 0
+        else:
+            assert first["compile_s"] is None and first["compile_shared_with"] == S.CONTRACTIVE
+    # deq's own residual history is recorded in every profile.
+    assert len(data["results"][S.CONTRACTIVE]["deq.Anderson"]["trace"]) >= 2
+    assert {t["target"] for t in data["targets"]} and all(isinstance(t["passed"], bool) for t in data["targets"])
+    assert data["run_time_s"] > 0
+
+
+def test_recomputed_residuals_agree_with_converged_flags(smoke):
+    _, payload = smoke
+    for per in payload["results"].values():
+        for rec in per.values():
+            assert rec["converged"] == (rec["final_residual"] <= S.TOL)
+    # The contractive problem is solved by every solver; ours take gradients close to the reference.
+    for name, rec in payload["results"][S.CONTRACTIVE].items():
+        assert rec["converged"], name
+    for name in ("deq.Anderson", "deq.Broyden"):
+        assert payload["results"][S.CONTRACTIVE][name]["grad_rel_error"] < 1e-2
+
+
+def test_figure_and_problem_file_exist(smoke):
+    out, payload = smoke
+    png = C.result_path(out, "solvers", suffix=".png")
+    assert png.exists() and png.stat().st_size > 1000
+    assert payload["figure"] == png.name
+    npz = out / payload["problem"]["npz"]
+    assert npz.exists() and npz.stat().st_size < 2**20
