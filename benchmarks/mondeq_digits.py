@@ -197,34 +197,38 @@ def evaluate_trained(model, ds):
     return res
 
 
-def plot(history, ev, out_dir):
+def plot(history, ev, summary, out_dir):
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ep = [h["epoch"] for h in history]
     ax = axes[0]
-    ax.plot(ep, [h["train_acc"] for h in history], label="train")
-    ax.plot(ep, [h["test_acc"] for h in history], label="test")
+    ax.plot(ep, [h["train_acc"] for h in history], "o-", ms=3, label="train")
+    ax.plot(ep, [h["test_acc"] for h in history], "o-", ms=3, label="test")
     ax.axhline(0.95, color="gray", ls=":", label="target 95%")
     ax.set(xlabel="epoch", ylabel="accuracy", title="monDEQ on digits (Peaceman-Rachford)")
     ax.legend()
     ax = axes[1]
-    ax.plot(ep, [h["train_forward_steps"] for h in history], label="train (mean)")
-    ax.plot(ep, [h["test_forward_steps"] for h in history], label="test (mean)")
+    ax.plot(ep, [h["train_forward_steps"] for h in history], "o-", ms=3, label="train (mean)")
+    ax.plot(ep, [h["test_forward_steps"] for h in history], "o-", ms=3, label="test (mean)")
     ax2 = ax.twinx()
     ax2.bar(ep, [h["train_forward_nonconverged"] for h in history], alpha=0.3, color="red")
     ax2.set_ylabel("non-converged forward solves", color="red")
     ax2.set_ylim(0, max(1, max(h["train_forward_nonconverged"] for h in history)) * 1.2)
     ax.set(xlabel="epoch", ylabel="forward splitting steps", title="solver steps per epoch")
     ax.legend(loc="upper left")
+    ax.text(0.98, 0.04, f"non-converged solves: train forward {summary['train_forward_nonconverged']}, "
+            f"train backward {summary['train_backward_nonconverged']}, test {summary['test_forward_nonconverged']}",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     ax = axes[2]
-    for key, color, label in (("pr", "C0", "Peaceman-Rachford"), ("fb", "C1", "forward-backward"),
-                              ("plain", "C3", "plain iteration")):
+    fb_label = f"forward-backward (alpha = m/L^2 = {ev['fb']['alpha']:.2g})"
+    for key, color, label in (("pr", "C0", "Peaceman-Rachford (alpha = 1)"), ("fb", "C1", fb_label),
+                              ("plain", "C3", "plain iteration z <- relu(Wz + Ux + b)")):
         for i, h in enumerate(ev["histories"][key]):
             ax.semilogy(h, color=color, alpha=0.6, label=label if i == 0 else None)
-    ax.axhline(1e-4, color="gray", ls=":")
-    ax.set(xlabel="step", ylabel="||relu(Wz + Ux + b) - z||", title="test solves, trained model")
+    ax.set(xlabel="step", ylabel="||relu(Wz + Ux + b) - z||",
+           title=f"8 test solves, trained model (test acc {summary['test_acc']:.1%})")
     ax.set_xscale("symlog", linthresh=10)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return C.save_figure(fig, out_dir, NAME)
 
@@ -288,7 +292,7 @@ def main(argv=None):
     path = C.save_json(args.out, NAME, payload)
     print(f"wrote {path}")
     if not args.no_plot:
-        print(f"wrote {plot(history, ev, args.out)}")
+        print(f"wrote {plot(history, ev, summary, args.out)}")
     return payload
 
 

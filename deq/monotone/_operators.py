@@ -234,9 +234,41 @@ class _FFTResolvent:
         return self._apply(_herm(self.inv), v)
 
 
+def _batched_cg(A, b, x0, tol, maxiter):
+    """Conjugate gradients for `A x = b`, `A` symmetric positive definite acting on each sample
+    of a batch (leading axis) independently: per-sample step sizes and stopping at
+    `||r|| <= tol ||b||`."""
+    axes = tuple(range(1, b.ndim))
+    dot = lambda u, v: jnp.sum(u * v, axis=axes)
+    expand = lambda s: s.reshape(s.shape + (1,) * (b.ndim - 1))
+    r = b - A(x0)
+    rs = dot(r, r)
+    thresh = tol**2 * dot(b, b)
+
+    def cond(c):
+        k, _, _, _, rs = c
+        return (k < maxiter) & jnp.any(rs > thresh)
+
+    def body(c):
+        k, x, r, p, rs = c
+        Ap = A(p)
+        active = rs > thresh
+        pAp = dot(p, Ap)
+        a = jnp.where(active & (pAp > 0), rs / jnp.where(pAp > 0, pAp, 1), 0)
+        x = x + expand(a) * p
+        r = r - expand(a) * Ap
+        rs_new = jnp.where(active, dot(r, r), rs)
+        beta = jnp.where(active & (rs > 0), rs_new / jnp.where(rs > 0, rs, 1), 0)
+        p = jnp.where(expand(active), r + expand(beta) * p, p)
+        return k + 1, x, r, p, rs_new
+
+    _, x, _, _, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, r, r, rs))
+    return x
+
+
 class _CGResolvent:
     """`(I + alpha (I - W))^{-1}` matrix-free, by conjugate gradients on the normal equations,
-    one solve per sample (zero padding, where the FFT does not diagonalize the operator)."""
+    per sample (zero padding, where the FFT does not diagonalize the operator)."""
 
     def __init__(self, op, alpha, maxiter):
         self.op, self.alpha, self.maxiter = op, alpha, maxiter
@@ -246,19 +278,11 @@ class _CGResolvent:
         return (1 + self.alpha) * v - self.alpha * mv(v)
 
     def _solve(self, v, transpose):
-        tol = _cg_tol(v.dtype)
-
-        def one(vi):
-            vi = vi[None]
-            N = lambda u: self._N(u, transpose)
-            NT = lambda u: self._N(u, not transpose)
-            x0 = vi / (1 + self.alpha * self.op.m)
-            # N^{-1} v solves N^T N x = N^T v; N^{-T} v solves N N^T x = N v.
-            x, _ = jax.scipy.sparse.linalg.cg(lambda u: NT(N(u)), NT(vi), x0=x0, tol=tol,
-                                              maxiter=self.maxiter)
-            return x[0]
-
-        return jax.vmap(one)(v)
+        N = lambda u: self._N(u, transpose)
+        NT = lambda u: self._N(u, not transpose)
+        x0 = v / (1 + self.alpha * self.op.m)
+        # N^{-1} v solves N^T N x = N^T v; N^{-T} v solves N N^T x = N v.
+        return _batched_cg(lambda u: NT(N(u)), NT(v), x0, _cg_tol(v.dtype), self.maxiter)
 
     def solve(self, v):
         return self._solve(v, False)
@@ -356,11 +380,11 @@ class MonotoneConv:
         return conv_transpose(self.B, z, self.padding)
 
     def matvec(self, z):
-        """`W z` for NHWC `z`."""
+        """`W z = (1 - m) z - A^T A z + B z - B^T z` for NHWC `z`."""
         return (1 - self.m) * z - self._AT(self._A(z)) + self._B(z) - self._BT(z)
 
     def rmatvec(self, z):
-        """`W^T z` for NHWC `z`."""
+        """`W^T z = (1 - m) z - A^T A z - B z + B^T z` for NHWC `z`."""
         return (1 - self.m) * z - self._AT(self._A(z)) + self._BT(z) - self._B(z)
 
     def _symbols(self, H, W):
