@@ -84,7 +84,9 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
         finite = jnp.isfinite(res)
         upd = c.active & finite
         conv = upd & (res <= atol + rtol * row_norm(fx_new))
-        better = upd & (res < c.best_res)
+        # The converging iterate is returned even if an earlier one had a lower residual, so a
+        # converged sample's value always passes the stopping test.
+        better = upd & ((res < c.best_res) | conv)
         k = c.k + 1
         return _Carry(
             k=k,

@@ -50,8 +50,8 @@ class Stats:
       result: a code from `deq.RESULTS` (converged, max_steps reached, non-finite residual).
       residual_history: `||f(z_k) - z_k||` at each step `k = 0..max_steps` (NaN after the
         solve stopped for that sample), shape `(..., max_steps + 1)`.
-      lipschitz: an estimate of the spectral norm of `df/dz` at the fixed point, when asked for
-        (None otherwise). An estimate, not a bound.
+      lipschitz: a Lipschitz constant of `f` in `z` attached by `deq.Certificate.attach` (None
+        otherwise): a proven bound or an estimate, as the certificate's `guaranteed` says.
       error_bound: an upper bound on `||z - z*||` when the solve was asked for a certificate
         (None otherwise); see `deq.certify`.
     """
@@ -70,7 +70,8 @@ class Solution:
     """The result of `deq.fixed_point`.
 
     Attributes:
-      value: pytree shaped like `z0`: the lowest-residual finite iterate seen.
+      value: pytree shaped like `z0`: the lowest-residual finite iterate seen (for a converged
+        sample, the iterate that passed the stopping test).
       stats: a `Stats` with the forward solve's statistics.
     """
 

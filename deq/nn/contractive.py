@@ -2,7 +2,7 @@ r"""Contractive DEQ cells with a *proven* Lipschitz bound `L < 1` in the state.
 
 For such a cell, Banach's fixed-point theorem guarantees a unique fixed point for every input,
 plain iteration converges to it from any start (linearly, at rate `L`), and
-`deq.certify.certify(f, sol, args, lipschitz=cell.lipschitz_bound())` turns any iterate into a
+`deq.certify(f, sol, args, lipschitz=cell.lipschitz_bound())` turns any iterate into a
 guaranteed error bound `||z - z*|| <= ||f(z) - z|| / (1 - L)`.
 
 The bound is proven, not estimated: the weight acting on the state is parametrized so that a
@@ -103,7 +103,7 @@ class ContractiveDense(nnx.Module):
     .. math:: \|f(z_1, x) - f(z_2, x)\| \le \|(z_1 - z_2) W\| \le L \|z_1 - z_2\|,
 
     so `f(., x)` is a contraction: a unique fixed point exists for every `x` (Banach) and
-    `deq.certify.certify(..., lipschitz=cell.lipschitz_bound())` gives guaranteed error bounds.
+    `deq.certify(..., lipschitz=cell.lipschitz_bound())` gives guaranteed error bounds.
     The cheap bounds are loose for generic matrices (the Frobenius norm exceeds `||V||_2` by up
     to `sqrt(features)`), so the effective contraction is often well below `L`; training can
     use the budget by making `V` better conditioned, or use `norm_bound="exact"` (an SVD per

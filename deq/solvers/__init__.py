@@ -5,3 +5,4 @@ from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .fixed_point_iteration import FixedPointIteration as FixedPointIteration
 from .gmres import GMRES as GMRES
+from .fallback import Fallback as Fallback
