@@ -179,3 +179,53 @@ def test_float32_gradients_stay_float32():
     g = jax.grad(loss)(params)
     assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(g))
     assert P.tree_rel_err(g, P.tanh_cell_grad_np(cell, c.astype(np.float64))) < 1e-3
+
+
+# ----------------------------------------------------------------------------- higher order
+
+
+def _elementwise_cell(z, a):
+    return jnp.tanh(0.5 * z + a)
+
+
+def _dz_da(a):
+    """z* = tanh(0.5 z* + a) elementwise: dz*/da = D / (1 - D/2), D = 1 - z*^2 (numpy)."""
+    z = np.zeros_like(a)
+    for _ in range(300):
+        z = np.tanh(0.5 * z + a)
+    D = 1 - z**2
+    return D / (1 - 0.5 * D)
+
+
+def test_second_order_gradient_with_a_gmres_adjoint():
+    backward = deq.IFT(solver=deq.GMRES(rtol=1e-12, atol=0.0))
+    L = lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=backward).value.sum()
+    a = np.array([0.3, -0.7])
+    gg = jax.grad(lambda a: jax.grad(L)(a).sum())(jnp.asarray(a))
+    eps = 1e-5
+    want = (_dz_da(a + eps) - _dz_da(a - eps)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(gg), want, rtol=1e-7)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="API limitation: second-order reverse mode through deq.IFT with a loop adjoint "
+                          "solver (the default Anderson) fails: the adjoint solve (deq/_loop.py run) is a "
+                          "lax.while_loop, which reverse mode rejects. IFT(solver=deq.GMRES()) works.")
+def test_second_order_gradient_with_the_default_adjoint():
+    L = lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value.sum()
+    a = np.array([0.3, -0.7])
+    gg = jax.grad(lambda a: jax.grad(L)(a).sum())(jnp.asarray(a))
+    eps = 1e-5
+    np.testing.assert_allclose(np.asarray(gg), (_dz_da(a + eps) - _dz_da(a - eps)) / (2 * eps), rtol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="API limitation: forward mode (jax.jvp, jax.jacfwd, jax.hessian) is unsupported "
+                          "with deq.IFT, the default backward: _ift is a jax.custom_vjp "
+                          "(deq/backward/ift.py), and JAX raises \"can't apply forward-mode autodiff (jvp) "
+                          "to a custom_vjp function\". Unrolled and PhantomGrad support it.")
+def test_forward_mode_jacobian_with_ift():
+    a = np.array([0.3, -0.7])
+    J = jax.jacfwd(lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value)(
+        jnp.asarray(a))
+    np.testing.assert_allclose(np.asarray(J), np.diag(_dz_da(a)), rtol=1e-8, atol=1e-12)
