@@ -7,6 +7,7 @@ import warnings
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._loop import LoopOutput
@@ -92,7 +93,13 @@ def report(what: str, out: LoopOutput, *, throw: bool, warn: bool) -> None:
             raise RuntimeError(msg)
         _warn(what, msg)
 
-    jax.debug.callback(callback, out.num_steps, out.residual, out.converged)
+    # The host callback runs only when some sample failed: a callback on every call would cost
+    # a device-host round trip per solve.
+    jax.lax.cond(
+        jnp.all(out.converged),
+        lambda: None,
+        lambda: jax.debug.callback(callback, out.num_steps, out.residual, out.converged),
+    )
 
 
 def stop(tree):
