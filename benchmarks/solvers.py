@@ -17,8 +17,8 @@ with two recurrent matrices of the same construction:
 a symmetric Gaussian matrix: a symmetric, negative semi-definite ("inhibitory") coupling whose
 spectral radius *equals* its spectral norm ``s``. This construction is deliberate: for a plain
 Gaussian ``W`` rescaled to ``||W||_2 = s`` the spectral radius is only about ``s / 2`` and the
-tanh saturates, so plain iteration converges in ~14 steps even at ``s = 1.1`` (measured every
-run, see ``generator_check`` in the JSON), which would make neither problem informative.
+tanh saturates, so plain iteration converges in 15-18 steps even at ``s = 1.1`` (measured every
+quick/full run, see ``generator_check`` in the JSON), which would make neither problem informative.
 With the construction above the linearised iteration has eigenvalues down to ``-s``: at
 ``s = 0.95`` plain iteration converges slowly (oscillating), at ``s = 1.1`` it oscillates without
 converging, while the root problem ``f(z) - z = 0`` stays well conditioned (eigenvalues of
@@ -53,20 +53,28 @@ rtol=1e-5, atol=1e-7))`` (matrix-free); its default ``ImplicitAdjoint()`` materi
 profile, in a subprocess with a timeout. Each gradient is compared with a reference gradient
 (deq Anderson at ``atol=1e-5`` + ``IFT(GMRES(rtol=1e-7))``).
 
-Timings (``_common.time_fn``): compile time apart (first call), then the median of
-``repeats`` calls. ``overhead = forward_s / (steps * f_eval_s)`` with ``f_eval_s`` the median
-time of one jitted call of ``f``; ``overhead_loop`` uses the number of ``f`` evaluations and the
-per-evaluation time of ``f`` inside a compiled loop (no dispatch cost) instead, which is the
-stricter number. ``ift_backward_s = forward_backward_s - forward_s``. Memory:
-``_common.xla_memory`` of the compiled forward and forward+backward functions.
+Timings: every jitted function is first called once (``compile_s``, via ``_common.time_fn``;
+JAX's caches are cleared once before the compile phase); then the timed calls are interleaved
+over all functions in rounds (``_common.time_fn`` per function per round), so that changes of
+machine load hit every solver alike. Reported per solver: median (``forward_s``,
+``forward_backward_s``), IQR and minimum of the wall-clock times, and the median process CPU
+time of the same calls (``*_cpu_s``; much less sensitive to other jobs on a shared machine).
+``overhead = forward_s / (steps * f_eval_s)`` with ``f_eval_s`` the median time of one jitted
+call of ``f`` (as specified; a single call includes dispatch, so this flatters every solver);
+``overhead_loop*`` divide by the number of ``f`` evaluations times the per-evaluation time of
+``f`` inside a compiled loop of 10 (wall median / wall min / CPU median): the stricter numbers.
+``ift_backward_s = forward_backward_s - forward_s``. Memory: ``_common.xla_memory`` of the
+compiled forward and forward+backward functions. The machine's load average is recorded.
 
 Residual traces (quick/full; deq also in smoke): deq's ``stats.residual_history``; for peers the
 library's own ``init_state/update`` (``init/step`` for optimistix) is stepped from Python with
 the same settings, recomputing ``||f(z) - z||`` of the iterate the library would return after
-each step. The time axis of the plot is ``k * forward_s / steps``.
+each step. The time axis of the plot is ``k * forward_min_s / steps``.
 
 The ``quick``/``full`` profiles also time the pieces of an Anderson step at the problem's shapes
-inside compiled loops (``anderson_breakdown``) to show where its per-step time goes.
+inside compiled loops (``anderson_breakdown``) to show where its per-step time goes, and the
+``full`` profile measures, each in a subprocess with a timeout, optimistix's default
+``ImplicitAdjoint()`` and jaxopt's ``Broyden`` at its defaults (both too slow for the main loop).
 """
 
 from __future__ import annotations
@@ -791,31 +799,44 @@ def table_rows(results) -> list[dict[str, Any]]:
 
 
 def plot(results, out_dir) -> Any:
+    """Residual against steps and against time, both problems (log y).
+
+    The x range is cut at 2.5x the slowest converged solver (solvers that do not converge run
+    on to max_steps; their last residual is given in the legend). Time is
+    ``k * forward_min_s / steps``: the minimum of the timed forward calls, the estimate least
+    affected by other jobs on a shared machine.
+    """
     plt = C.pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
     styles = {"deq": "-", "jaxopt": "--", "optimistix": ":"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (problem, per) in enumerate(results.items()):
+        conv = [r for r in per.values() if r["converged"] and r.get("trace")]
+        k_max = max([len(r["trace"]) for r in conv] + [10]) * 2.5
+        t_max = max([r["forward_min_s"] * 1e3 * len(r["trace"]) / max(r["steps"], 1) for r in conv] + [1e-3]) * 2.5
         for i, name in enumerate(SOLVERS):
             r = per[name]
             if not r.get("trace"):
                 continue
             tr = np.asarray([np.nan if v is None else v for v in r["trace"]], np.float64)
             k = np.arange(len(tr))
-            dt = r["forward_s"] / max(r["steps"], 1)
-            kw = dict(ls=styles[r["library"]], color=colors[i % len(colors)], lw=1.6, label=name)
+            dt = r["forward_min_s"] * 1e3 / max(r["steps"], 1)
+            label = name if r["converged"] else f"{name} (not converged: {r['final_residual']:.3g} at {r['steps']})"
+            kw = dict(ls=styles[r["library"]], color=colors[i % len(colors)], lw=1.6, label=label)
             axes[row, 0].semilogy(k, tr, **kw)
-            axes[row, 1].semilogy(k * dt * 1e3, tr, **kw)
+            axes[row, 1].semilogy(k * dt, tr, **kw)
+        axes[row, 0].set_xlim(0, k_max)
+        axes[row, 1].set_xlim(0, t_max)
         for col in range(2):
             ax = axes[row, col]
             ax.axhline(TOL, color="k", lw=0.8, alpha=0.6)
-            ax.set_ylabel(r"residual $\|f(z_k) - z_k\|_2$")
+            ax.set_ylabel(r"residual $\|f(z_k) - z_k\|_2$ (whole batch)")
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{problem}: ||W||_2 = {PROBLEM_NORMS[problem]}")
         axes[row, 0].set_xlabel("solver step k")
-        axes[row, 1].set_xlabel("time (ms) = k x forward time / steps")
+        axes[row, 1].set_xlabel("time (ms) = k x min forward time / steps")
         axes[row, 0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Forward solvers on z = tanh(zW^T + xU^T + b), tolerance {TOL} (black line)")
+    fig.suptitle(f"Forward solvers on z = tanh(zW^T + xU^T + b), batch as one vector; tolerance {TOL} (black line)")
     fig.tight_layout()
     return C.save_figure(fig, out_dir, NAME)
 
