@@ -201,7 +201,7 @@ def settings_for(profile: str) -> dict[str, Any]:
         quick=dict(train_length=8, test_lengths=[8, 16, 32, 64], budgets=[4, 8, 16, 32, 64, 128],
                    num_train=2048, num_test=256, epochs=8, channels=32, hidden=64, seeds=1, train_max_steps=30,
                    solvers=["fixed_point_iteration"]),
-        full=dict(train_length=8, test_lengths=[8, 16, 32, 64, 128, 256], budgets=[4, 8, 16, 32, 64, 128, 256, 512],
+        full=dict(train_length=8, test_lengths=[8, 16, 32, 64, 128, 256], budgets=[4, 8, 16, 32, 64, 128, 256],
                   num_train=4096, num_test=256, epochs=10, channels=32, hidden=64, seeds=3, train_max_steps=30,
                   solvers=["fixed_point_iteration", "anderson"]),
     ) | dict(batch_size=64, learning_rate=3e-3)
@@ -370,8 +370,12 @@ def plot(plt, agg: dict[str, Any], runs: list[dict[str, Any]], st: dict[str, Any
     ax.set_xlabel(f"position in a length-{longest} string")
     ax.set_ylabel("per-position test accuracy (fraction)")
     ax.set_title(f"accuracy by position, length {longest}")
+    low = min(0.4, min(a["token_accuracy"]["min"] for per_l in per.values() for a in per_l.values()) - 0.02,
+              min(a["token_accuracy"]["mean"] for k in ("unrolled", "stack")
+                  for a in agg["explicit"][k].values()) - 0.02)
     for ax in axes:
-        ax.set_ylim(0.4, 1.02)
+        ax.axhline(0.5, color="black", lw=0.8, alpha=0.5, label="chance")
+        ax.set_ylim(max(0.0, low), 1.02)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(f"Prefix parity: trained on length {L0}, tested longer; DEQ solved by {sname.replace('_', ' ')} "
