@@ -394,7 +394,7 @@ def monotone_fixed_point(op, x, *, method=None, backward=None, z0=None, batch_ax
       >>> x = jax.random.normal(jax.random.PRNGKey(1), (2, 4))
       >>> sol = monotone_fixed_point(op, x, method=PeacemanRachford(rtol=1e-4, atol=1e-6))
       >>> z = sol.value
-      >>> bool(jnp.allclose(z, jax.nn.relu(z @ op.weight().T + op.inject(x)), atol=1e-4))
+      >>> bool(jnp.allclose(z, jax.nn.relu(z @ op.weight().T + op.inject(x)), atol=1e-3))
       True
       >>> loss = lambda op: monotone_fixed_point(op, x).value.sum()
       >>> jax.grad(loss)(op).A.shape
