@@ -34,6 +34,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = [
@@ -52,9 +53,14 @@ def _check_int(owner: str, name: str, value, minimum: int = 1) -> None:
 
 
 def _groups(owner: str, channels: int, num_groups: int | None) -> int:
-    """The GroupNorm group count: `num_groups`, or by default gcd(channels, 8)."""
+    """The GroupNorm group count: `num_groups`, or by default gcd(channels, 4).
+
+    Few groups (several channels per group) keep the DEQ-ResNet cells more contractive: with one
+    channel per group (instance norm) the spectral radius of the cell's Jacobian at the fixed
+    point on digits images was about 0.93-0.96, against about 0.8 with 2-4 groups.
+    """
     if num_groups is None:
-        return math.gcd(channels, 8)
+        return math.gcd(channels, 4)
     _check_int(owner, "num_groups", num_groups)
     if channels % num_groups:
         raise ValueError(
@@ -62,6 +68,16 @@ def _groups(owner: str, channels: int, num_groups: int | None) -> int:
             f"Pass num_groups={math.gcd(channels, num_groups)} or num_groups=None (automatic)."
         )
     return num_groups
+
+
+def _initial_gain(v: jax.Array, axis, scale: float) -> jax.Array:
+    """`scale * ||v||` over `axis`: in numpy for concrete `v` (no XLA compilation per shape when
+    modules are built eagerly), in jax under tracing (`nnx.eval_shape`, `nnx.jit`)."""
+    try:
+        vn = np.asarray(v, dtype=np.float64)
+    except jax.errors.TracerArrayConversionError:
+        return scale * jnp.sqrt(jnp.sum(v * v, axis=axis))
+    return jnp.asarray(scale * np.sqrt(np.sum(vn * vn, axis=axis)), dtype=v.dtype)
 
 
 def _norm(features: int, num_groups: int | None, rngs: nnx.Rngs) -> nnx.Module:
@@ -104,7 +120,7 @@ class WeightNormLinear(nnx.Module):
         _check_int("WeightNormLinear", "out_features", out_features)
         v = nnx.initializers.lecun_normal()(rngs.params(), (in_features, out_features))
         self.v = nnx.Param(v)
-        self.g = nnx.Param(init_scale * jnp.linalg.norm(v, axis=0))
+        self.g = nnx.Param(_initial_gain(v, 0, init_scale))
         self.b = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
 
     @property
@@ -150,7 +166,7 @@ class WeightNormConv(nnx.Module):
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         v = nnx.initializers.lecun_normal()(rngs.params(), shape)
         self.v = nnx.Param(v)
-        self.g = nnx.Param(init_scale * jnp.sqrt(jnp.sum(v * v, axis=(0, 1, 2))))
+        self.g = nnx.Param(_initial_gain(v, (0, 1, 2), init_scale))
         self.b = nnx.Param(jnp.zeros((out_channels,))) if use_bias else None
         self.stride = stride
 
@@ -262,7 +278,7 @@ class ConvCell(nnx.Module):
       rngs: random key source.
       hidden_channels: inner channels (default `channels`).
       in_channels: if given, the cell owns an injection convolution from `in_channels`.
-      num_groups: GroupNorm groups (default gcd(channels, 8)); must divide both channel counts.
+      num_groups: GroupNorm groups (default gcd(channels, 4)); must divide both channel counts.
       kernel_size: convolution size.
       init_scale: scale of the weight-normalised convolutions at initialisation, relative to
         LeCun normal (small values keep the map contractive at initialisation; `g` is learned).
@@ -363,7 +379,7 @@ class MultiscaleCell(nnx.Module):
       rngs: random key source.
       in_channels: if given, the cell owns an injection 3x3 `nnx.Conv` from `in_channels` to
         `channels[0]`; otherwise `x` must already be `(B, H, W, channels[0])`.
-      num_groups: GroupNorm groups (default gcd(c, 8) per resolution).
+      num_groups: GroupNorm groups (default gcd(c, 4) per resolution).
       init_scale: scale of the weight-normalised convolutions at initialisation (small values
         keep the map contractive at initialisation; `g` is learned).
 
@@ -453,6 +469,9 @@ class TransformerCell(nnx.Module):
       mlp_ratio: MLP expansion factor.
       causal: use a causal attention mask.
       in_features: if given, the cell owns an injection `nnx.Linear(in_features, d_model)`.
+      init_scale: scale (relative to LeCun normal) of the attention output projection and of
+        the MLP's second layer at initialisation; small values keep the block contractive at
+        initialisation (with 1.0, Anderson sometimes needed more than 40 steps on random input).
 
     Returns:
       Calling the cell returns `z_new` of shape `(B, T, d_model)`.
@@ -472,7 +491,7 @@ class TransformerCell(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: int = 4,
-                 causal: bool = False, in_features: int | None = None):
+                 causal: bool = False, in_features: int | None = None, init_scale: float = 0.1):
         owner = "TransformerCell"
         _check_int(owner, "d_model", d_model)
         _check_int(owner, "num_heads", num_heads)
@@ -483,10 +502,13 @@ class TransformerCell(nnx.Module):
         self.inject = None if in_features is None else nnx.Linear(in_features, d_model, rngs=rngs)
         self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
         self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
-        self.proj = nnx.Linear(d_model, d_model, rngs=rngs)
+        # The residual branches' output maps start small (std init_scale / sqrt(fan_in)), so the
+        # block is close to LN(z + x) at initialisation: contractive, like the other cells.
+        small = nnx.initializers.variance_scaling(init_scale**2, "fan_in", "truncated_normal")
+        self.proj = nnx.Linear(d_model, d_model, rngs=rngs, kernel_init=small)
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
         self.fc1 = nnx.Linear(d_model, mlp_ratio * d_model, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_ratio * d_model, d_model, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_ratio * d_model, d_model, rngs=rngs, kernel_init=small)
         self.ln3 = nnx.LayerNorm(d_model, rngs=rngs)
 
     def init_state(self, x: jax.Array) -> jax.Array:

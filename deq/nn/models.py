@@ -365,7 +365,7 @@ class ConvDEQClassifier(_ConvBase):
       num_classes: number of classes.
       rngs: random key source.
       hidden_channels: inner channels of the cell (default `channels`).
-      num_groups: GroupNorm groups (default gcd(channels, 8)).
+      num_groups: GroupNorm groups (default gcd(channels, 4)).
       solver: forward solver (default `default_solver()`).
       backward: backward strategy (default `default_backward()`).
       eval_solver: solver in eval mode; None uses `solver`.
@@ -527,7 +527,7 @@ class MultiscaleDEQClassifier(nnx.Module):
       channels: channels per resolution, finest first (2 or 3 entries).
       num_classes: number of classes.
       rngs: random key source.
-      num_groups: GroupNorm groups (default gcd(c, 8) per resolution).
+      num_groups: GroupNorm groups (default gcd(c, 4) per resolution).
       solver: forward solver (default `default_solver()`).
       backward: backward strategy (default `default_backward()`).
       eval_solver: solver in eval mode; None uses `solver`.
@@ -753,8 +753,10 @@ def matched_width(build: Callable[[int], nnx.Module], target_params: int, *, lo:
     """The width `w` (a multiple of `multiple_of` in `[lo, hi]`) with `count_params(build(w))`
     closest to `target_params`.
 
-    Models are built abstractly (`nnx.eval_shape`, no parameter memory); the count must grow
-    with the width (binary search).
+    Models are built abstractly (`nnx.eval_shape`, no parameter memory). The count must grow
+    with the width. A quadratic through the counts at the three smallest widths gives a first
+    guess (exact for the layers here, whose counts are quadratic in the width), and a walk from
+    it finds the answer, so only a handful of models are built.
 
     Args:
       build: `w -> model`, e.g. `lambda w: ResNetClassifier(64, w, 10, 6, rngs=nnx.Rngs(0))`.
@@ -785,14 +787,26 @@ def matched_width(build: Callable[[int], nnx.Module], target_params: int, *, lo:
             cache[k] = count_params(nnx.eval_shape(lambda: build(k * multiple_of)))
         return cache[k]
 
-    a, b = lo_k, hi_k  # find the largest k with count(k) <= target (or lo_k)
-    while a < b:
-        mid = (a + b + 1) // 2
-        if count(mid) <= target_params:
-            a = mid
+    # First guess: the quadratic through three small widths, solved for the target.
+    ks = [k for k in (lo_k, lo_k + 1, lo_k + 2) if k <= hi_k]
+    k = lo_k
+    if len(ks) == 3:
+        c0, c1, c2 = (count(k) for k in ks)
+        a = (c2 - 2 * c1 + c0) / 2.0
+        b = (c1 - c0) - a * (2 * lo_k + 1)
+        c = c0 - a * lo_k**2 - b * lo_k
+        if a > 0:
+            disc = b * b - 4 * a * (c - target_params)
+            guess = (-b + math.sqrt(max(disc, 0.0))) / (2 * a)
         else:
-            b = mid - 1
-    best = min((k for k in (a, a + 1) if k <= hi_k), key=lambda k: (abs(count(k) - target_params), k))
+            guess = (target_params - c) / b if b > 0 else lo_k
+        k = int(min(max(round(guess), lo_k), hi_k))
+    # Walk to the largest k with count(k) <= target (or lo_k), then pick the closer neighbour.
+    while k < hi_k and count(k + 1) <= target_params:
+        k += 1
+    while k > lo_k and count(k) > target_params:
+        k -= 1
+    best = min((j for j in (k, k + 1) if j <= hi_k), key=lambda j: (abs(count(j) - target_params), j))
     return best * multiple_of
 
 
