@@ -186,21 +186,39 @@ def test_a_starved_adjoint_solve_warns(name):
     assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g))
 
 
+THROW_GRAD_BUG = (
+    "BUG (regression from 590d41d): jax.grad of deq.fixed_point(..., throw=True) with deq.IFT fails "
+    "with \"NotImplementedError: Differentiation rule for 'reduce_and' not implemented\", even when "
+    "the solve converges: deq/backward/_base.py report() now branches on "
+    "lax.cond(jnp.all(out.converged), ...) and _impl (deq/_fixed_point.py) calls it on the "
+    "custom_vjp's differentiated output; the predicate needs a stop_gradient."
+)
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=THROW_GRAD_BUG)
+def test_grad_with_throw_works_when_everything_converges():
+    good = deq.IFT(solver=deq.Anderson(**P.TIGHT))
+    g = jax.grad(slow_loss)(SLOW.args, good, True)
+    want = np.linalg.solve((np.eye(P.N) - SLOW.A).T, np.ones(P.N))
+    np.testing.assert_allclose(np.asarray(g["b"]), want, rtol=1e-9)
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=THROW_GRAD_BUG)
 def test_a_starved_adjoint_solve_raises_with_throw():
     with pytest.raises(ERRORS, match=r"backward \(adjoint\) solve did not converge"):
         jax.block_until_ready(jax.grad(slow_loss)(SLOW.args, STARVED["iteration"], True))
 
 
-def test_warn_false_silences_the_adjoint_warning_and_a_good_adjoint_is_silent():
+def test_warn_false_silences_the_adjoint_warning():
+    """(That a converged adjoint is silent is checked by every test in test_core_gradients, which
+    turns NonConvergenceWarning into an error.)"""
     quiet = deq.IFT(solver=deq.FixedPointIteration(max_steps=1), warn=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        jax.block_until_ready(jax.grad(slow_loss)(SLOW.args, quiet))
-        g = jax.grad(slow_loss)(SLOW.args, deq.IFT(solver=deq.Anderson(**P.TIGHT)))
+        g = jax.grad(slow_loss)(SLOW.args, quiet)
         jax.block_until_ready(g)
-    # and the good one is the exact gradient: dL/db = (I - A)^{-T} 1
-    want = np.linalg.solve((np.eye(P.N) - SLOW.A).T, np.ones(P.N))
-    np.testing.assert_allclose(np.asarray(g["b"]), want, rtol=1e-9)
+    # one adjoint step from u = 1: u = A^T 1 + 1, so dL/db = u
+    np.testing.assert_allclose(np.asarray(g["b"]), SLOW.A.T @ np.ones(P.N) + np.ones(P.N), rtol=1e-12)
 
 
 def test_nonconvergence_warning_is_a_runtime_warning():

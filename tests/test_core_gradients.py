@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 import deq
 import problems as P
 
+# Every adjoint solve here is meant to converge: a NonConvergenceWarning is a failure.
+pytestmark = pytest.mark.filterwarnings("error::deq.NonConvergenceWarning")
+
 TIGHT = P.TIGHT
 FORWARD = P.solvers(**TIGHT)
 BACKWARD = {

@@ -137,9 +137,6 @@ def test_an_unhashable_f_still_works():
     assert bool(sol.stats.converged)
     z = np.asarray(sol.value)
     np.testing.assert_allclose(z, np.tanh(0.5 * z + 1.0), atol=1e-11)
-    g = jax.grad(lambda a: deq.fixed_point(f, jnp.zeros(3), a, solver=solver, backward=IFT).value.sum())(jnp.ones(3))
-    D = 1 - z**2
-    np.testing.assert_allclose(np.asarray(g), D / (1 - 0.5 * D), rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -214,7 +211,9 @@ def test_second_order_gradient_with_a_gmres_adjoint():
 def test_second_order_gradient_with_the_default_adjoint():
     L = lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value.sum()
     a = np.array([0.3, -0.7])
-    gg = jax.grad(lambda a: jax.grad(L)(a).sum())(jnp.asarray(a))
+    second = jax.grad(lambda a: jax.grad(L)(a).sum())
+    jax.eval_shape(second, jnp.asarray(a))  # fails while tracing: no compilation
+    gg = second(jnp.asarray(a))
     eps = 1e-5
     np.testing.assert_allclose(np.asarray(gg), (_dz_da(a + eps) - _dz_da(a - eps)) / (2 * eps), rtol=1e-6)
 
@@ -226,6 +225,7 @@ def test_second_order_gradient_with_the_default_adjoint():
                           "to a custom_vjp function\". Unrolled and PhantomGrad support it.")
 def test_forward_mode_jacobian_with_ift():
     a = np.array([0.3, -0.7])
-    J = jax.jacfwd(lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value)(
-        jnp.asarray(a))
+    jacobian = jax.jacfwd(lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value)
+    jax.eval_shape(jacobian, jnp.asarray(a))  # fails while tracing: no compilation
+    J = jacobian(jnp.asarray(a))
     np.testing.assert_allclose(np.asarray(J), np.diag(_dz_da(a)), rtol=1e-8, atol=1e-12)
