@@ -95,10 +95,11 @@ def report(what: str, out: LoopOutput, *, throw: bool, warn: bool) -> None:
 
     # The host callback runs only when some sample failed: a callback on every call would cost
     # a device-host round trip per solve.
+    steps, residual, converged = jax.lax.stop_gradient((out.num_steps, out.residual, out.converged))
     jax.lax.cond(
-        jnp.all(out.converged),
+        jnp.all(converged),
         lambda: None,
-        lambda: jax.debug.callback(callback, out.num_steps, out.residual, out.converged),
+        lambda: jax.debug.callback(callback, steps, residual, converged),
     )
 
 
