@@ -186,16 +186,8 @@ def test_a_starved_adjoint_solve_warns(name):
     assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g))
 
 
-THROW_GRAD_BUG = (
-    "BUG (regression from 590d41d): jax.grad of deq.fixed_point(..., throw=True) with deq.IFT fails "
-    "with \"NotImplementedError: Differentiation rule for 'reduce_and' not implemented\", even when "
-    "the solve converges: deq/backward/_base.py report() now branches on "
-    "lax.cond(jnp.all(out.converged), ...) and _impl (deq/_fixed_point.py) calls it on the "
-    "custom_vjp's differentiated output; the predicate needs a stop_gradient."
-)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=THROW_GRAD_BUG)
 def test_grad_with_throw_works_when_everything_converges():
     good = deq.IFT(solver=deq.Anderson(**P.TIGHT))
     g = jax.grad(slow_loss)(SLOW.args, good, True)
@@ -203,7 +195,6 @@ def test_grad_with_throw_works_when_everything_converges():
     np.testing.assert_allclose(np.asarray(g["b"]), want, rtol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason=THROW_GRAD_BUG)  # (NotImplementedError is a RuntimeError)
 def test_a_starved_adjoint_solve_raises_with_throw():
     with pytest.raises(ERRORS, match=r"backward \(adjoint\) solve did not converge"):
         jax.block_until_ready(jax.grad(slow_loss)(SLOW.args, STARVED["iteration"], True))
