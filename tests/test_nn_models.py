@@ -42,14 +42,10 @@ def _cell_cases():
     return {
         "dense": (lambda: DenseCell(32, rngs=nnx.Rngs(0)), _normal(16, 32, seed=1)),
         "dense_inject_groupnorm": (
-            lambda: DenseCell(32, 48, in_features=10, num_groups=4, rngs=nnx.Rngs(1)),
-            _normal(16, 10, seed=1),
+            lambda: DenseCell(32, in_features=64, num_groups=4, rngs=nnx.Rngs(1)),
+            _normal(16, 64, seed=1),
         ),
         "conv": (lambda: ConvCell(8, rngs=nnx.Rngs(2)), _normal(4, 8, 8, 8, seed=2)),
-        "multiscale2_odd_inject": (
-            lambda: MultiscaleCell((8, 16), in_channels=1, rngs=nnx.Rngs(4)),
-            _normal(4, 7, 7, 1, seed=3),
-        ),
         "transformer_causal": (
             lambda: TransformerCell(16, 4, causal=True, rngs=nnx.Rngs(5)),
             _normal(4, 10, 16, seed=4),
@@ -57,7 +53,10 @@ def _cell_cases():
     }
 
 
-CELL_NAMES = ["dense", "dense_inject_groupnorm", "conv", "multiscale2_odd_inject", "transformer_causal"]
+# The multiscale cell is covered by test_multiscale_cell_three_resolutions_shapes (abstract shapes,
+# odd sizes) and by MultiscaleDEQClassifier in test_model_returns_logits_and_info_under_jit
+# (convergence at init), which saves a second compilation of its solve.
+CELL_NAMES = ["dense", "dense_inject_groupnorm", "conv", "transformer_causal"]
 
 
 @nnx.jit
@@ -82,11 +81,6 @@ def test_cell_state_shapes_and_deq_converges_at_init(name):
         for a, b in zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(z)):
             assert a.shape == b.shape and a.dtype == b.dtype
             assert np.all(np.isfinite(np.asarray(b)))
-    if name.startswith("multiscale"):
-        assert isinstance(z0, tuple) and len(z0) == len(cell.channels)
-        H = x.shape[1]
-        assert [z.shape[1] for z in z0] == [-(-H // 2**i) for i in range(len(z0))]
-        assert [z.shape[-1] for z in z0] == list(cell.channels)
     # a DEQ with the cell converges on random input at initialisation
     assert float(info["converged_frac"]) >= 0.9, info
     assert float(info["forward_steps"]) < 30, info
@@ -107,6 +101,21 @@ def test_multiscale_cell_three_resolutions_shapes():
     z0, z1 = nnx.eval_shape(run)
     assert isinstance(z0, tuple) and isinstance(z1, tuple)
     assert [z.shape for z in z0] == [z.shape for z in z1] == [(2, 7, 9, 8), (2, 4, 5, 16), (2, 2, 3, 32)]
+    assert all(z.dtype == jnp.float32 for z in z1)
+
+
+def test_multiscale_deq_solution_is_a_pytree_of_resolutions():
+    # abstractly: the DEQ's fixed point has the cell's tuple structure
+    x = jax.ShapeDtypeStruct((2, 8, 8, 8), jnp.float32)
+
+    def run():
+        layer = DEQ(MultiscaleCell((8, 16), rngs=nnx.Rngs(0)), solver=deq.Anderson(max_steps=3))
+        return layer(jnp.zeros(x.shape, x.dtype), return_solution=True)
+
+    sol = nnx.eval_shape(run)
+    assert isinstance(sol.value, tuple)
+    assert [z.shape for z in sol.value] == [(2, 8, 8, 8), (2, 4, 4, 16)]
+    assert sol.stats.num_steps.shape == (2,)
 
 
 def test_cell_argument_errors():
@@ -136,22 +145,26 @@ TIGHT = deq.Anderson(rtol=1e-6, atol=1e-7, max_steps=60)
 
 
 def _model_cases():
-    """name -> (model factory, input, expected logits shape, expected info keys)."""
+    """name -> (model factory, input, expected logits shape, expected info keys).
+
+    Widths match the cell cases (32 features, 8/16 channels, d_model 16), so parameter
+    initialisers compiled for one test are reused by the others.
+    """
     rng = np.random.default_rng(0)
     flat = _normal(B, 8, 8, 1)
-    img = jnp.asarray(rng.uniform(size=(B, 8, 8, 1)), jnp.float32)
+    img = _normal(B, 8, 8, 1, seed=1)
     toks = jnp.asarray(rng.integers(0, 5, size=(B, T)), jnp.int32)
     r = lambda: nnx.Rngs(0)  # noqa: E731
     return {
         "DEQClassifier": (
-            lambda: DEQClassifier(64, 16, 10, rngs=r(), eval_solver=deq.FixedPointIteration(max_steps=2)),
+            lambda: DEQClassifier(64, 32, 10, rngs=r(), eval_solver=deq.FixedPointIteration(max_steps=2)),
             flat, (B, 10), DEQ_KEYS),
-        "UnrolledClassifier": (lambda: UnrolledClassifier(64, 16, 10, depth=3, rngs=r()), flat, (B, 10), {"depth"}),
-        "ResNetClassifier": (lambda: ResNetClassifier(64, 16, 10, depth=3, rngs=r()), flat, (B, 10), {"depth"}),
+        "UnrolledClassifier": (lambda: UnrolledClassifier(64, 32, 10, depth=3, rngs=r()), flat, (B, 10), {"depth"}),
+        "ResNetClassifier": (lambda: ResNetClassifier(64, 32, 10, depth=3, rngs=r()), flat, (B, 10), {"depth"}),
         "ConvDEQClassifier": (lambda: ConvDEQClassifier(1, 8, 10, rngs=r()), img, (B, 10), DEQ_KEYS),
         "ConvUnrolledClassifier": (lambda: ConvUnrolledClassifier(1, 8, 10, depth=2, rngs=r()), img, (B, 10), {"depth"}),
         "ConvResNetClassifier": (lambda: ConvResNetClassifier(1, 8, 10, depth=2, rngs=r()), img, (B, 10), {"depth"}),
-        "MultiscaleDEQClassifier": (lambda: MultiscaleDEQClassifier(1, (16, 32), 10, rngs=r()), img, (B, 10), DEQ_KEYS),
+        "MultiscaleDEQClassifier": (lambda: MultiscaleDEQClassifier(1, (8, 16), 10, rngs=r()), img, (B, 10), DEQ_KEYS),
         "TransformerDEQClassifier": (
             lambda: TransformerDEQClassifier(5, 16, 2, 3, max_len=16, rngs=r()), toks, (B, 3), DEQ_KEYS),
         "TransformerDEQLM": (
