@@ -186,9 +186,9 @@ def test_a_starved_adjoint_solve_warns(name):
     assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g))
 
 
-
-
 def test_grad_with_throw_works_when_everything_converges():
+    """(Regression test: after 590d41d, the failure report's lax.cond on the differentiated output
+    failed with "Differentiation rule for 'reduce_and' not implemented"; fixed in 8a71aa8.)"""
     good = deq.IFT(solver=deq.Anderson(**P.TIGHT))
     g = jax.grad(slow_loss)(SLOW.args, good, True)
     want = np.linalg.solve((np.eye(P.N) - SLOW.A).T, np.ones(P.N))
