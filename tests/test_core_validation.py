@@ -297,3 +297,15 @@ def test_solvers_pass_through_jit_as_static_pytrees():
 
     assert float(f(deq.Anderson(max_steps=7), jnp.float32(2.0))) == 14.0
     assert float(f(deq.Broyden(max_steps=3), jnp.float32(2.0))) == 6.0
+
+
+@pytest.mark.xfail(strict=True, reason="API wart: deq/_api.py check_nonneg's message is written for tolerances, so "
+                   "Anderson(ridge=-1) says '(0 disables this part of the stopping test)', and check_range "
+                   "suggests the upper bound, e.g. 'max_coefficient=inf' / 'growth_limit=inf'")
+def test_error_messages_of_non_tolerance_fields_fit_the_field():
+    with pytest.raises(ValueError) as info:
+        deq.Anderson(ridge=-1.0)
+    assert "stopping test" not in str(info.value)
+    with pytest.raises(ValueError) as info:
+        deq.Anderson(max_coefficient=0.5)
+    assert "max_coefficient=inf" not in str(info.value)
