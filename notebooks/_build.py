@@ -1248,7 +1248,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The regularized model keeps its Jacobian small, so each forward solve takes about half the
+# The regularized model keeps its Jacobian small, so each forward solve takes less than half the
 # Anderson steps of the unregularized one, for a small cost in accuracy on this short budget.
 # Since every training step runs a forward and an adjoint solve whose length both grow with
 # `||J||`, this is what makes large DEQs practical to train (Bai et al. 2021 report the same
