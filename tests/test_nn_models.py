@@ -208,6 +208,21 @@ def test_model_input_errors(zoo):
         zoo["ConvDEQClassifier"][0](jnp.ones((2, 8, 8)))
     with pytest.raises(ValueError, match="max_len"):
         zoo["TransformerDEQLM"][0](jnp.zeros((1, 20), jnp.int32))
+    with pytest.raises(ValueError, match="in_features"):
+        zoo["TransformerDEQLM"][0](jnp.zeros((1, 4, 1), jnp.float32))
+    with pytest.raises(ValueError, match="exactly one"):
+        TransformerDEQClassifier(5, 16, 2, 2, in_features=1, rngs=nnx.Rngs(0))
+
+
+def test_transformer_classifier_on_float_features():
+    # abstractly: bits (B, T, 1) as in deq.data.make_prefix_parity, per-token logits
+    def run():
+        model = TransformerDEQClassifier(None, 16, 2, 2, in_features=1, max_len=16, causal=True,
+                                         per_token=True, rngs=nnx.Rngs(0))
+        return model(jnp.zeros((3, 9, 1), jnp.float32))
+
+    logits, info = nnx.eval_shape(run)
+    assert logits.shape == (3, 9, 2) and set(info) == DEQ_KEYS
 
 
 def test_eval_solver_used_in_eval_mode(zoo):

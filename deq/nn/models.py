@@ -575,19 +575,22 @@ class MultiscaleDEQClassifier(nnx.Module):
 
 
 class TransformerDEQClassifier(nnx.Module):
-    r"""Transformer DEQ on token sequences: embedding -> DEQ(`TransformerCell`) -> `Linear` head.
+    r"""Transformer DEQ on sequences: embedding -> DEQ(`TransformerCell`) -> `Linear` head.
 
     .. math::
         u_t = E[x_t] + P_t, \qquad z^* = f_\theta(z^*, u), \qquad
         \text{logits}_t = V z_t^* + c,
 
-    with learned token (`E`) and position (`P`) embeddings. With `per_token=True` the logits are
+    with learned token (`E`) and position (`P`) embeddings. Inputs are integer tokens `(B, T)`;
+    with `vocab_size=None` and `in_features=F` they are float features `(B, T, F)` instead (e.g.
+    the bits `(B, T, 1)` of `deq.data.make_prefix_parity`) and `E` is a `Linear(F, d_model)`. With `per_token=True` the logits are
     per position, `(B, T, num_classes)` (e.g. prefix parity, tagging); otherwise the sequence
     is pooled to `(B, num_classes)`: the mean over positions, or the last position when
     `causal=True` (the only one that has seen the whole sequence).
 
     Args:
-      vocab_size: number of token ids (inputs are integers in `[0, vocab_size)`).
+      vocab_size: number of token ids (inputs are integers in `[0, vocab_size)`), or None for
+        float feature inputs (then give `in_features`).
       d_model: model width (the DEQ state is `(B, T, d_model)`).
       num_heads: attention heads.
       num_classes: number of classes (per position or per sequence).
@@ -599,10 +602,12 @@ class TransformerDEQClassifier(nnx.Module):
       solver: forward solver (default `default_solver()`).
       backward: backward strategy (default `default_backward()`).
       eval_solver: solver in eval mode; None uses `solver`.
+      in_features: feature size of float inputs, with `vocab_size=None`.
+      init_scale: passed to `TransformerCell`.
 
     Returns:
-      Calling the model on int tokens `(B, T)` returns `(logits, info)`, logits
-      `(B, num_classes)` or `(B, T, num_classes)` with `per_token=True`.
+      Calling the model on int tokens `(B, T)` (or float features `(B, T, in_features)`) returns
+      `(logits, info)`, logits `(B, num_classes)` or `(B, T, num_classes)` with `per_token=True`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -613,31 +618,57 @@ class TransformerDEQClassifier(nnx.Module):
       >>> logits, info = model(jnp.zeros((3, 10), jnp.int32))
       >>> print(logits.shape)
       (3, 10, 2)
+      >>> bits = TransformerDEQClassifier(None, 16, 2, 2, in_features=1, max_len=12, rngs=nnx.Rngs(0))
+      >>> print(bits(jnp.ones((3, 10, 1)))[0].shape)
+      (3, 2)
 
     References:
       Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, num_heads: int, num_classes: int, *, rngs: nnx.Rngs,
-                 max_len: int = 512, mlp_ratio: int = 4, causal: bool = False, per_token: bool = False,
-                 solver=None, backward=None, eval_solver=None):
+    def __init__(self, vocab_size: int | None, d_model: int, num_heads: int, num_classes: int, *,
+                 rngs: nnx.Rngs, max_len: int = 512, mlp_ratio: int = 4, causal: bool = False,
+                 per_token: bool = False, solver=None, backward=None, eval_solver=None,
+                 in_features: int | None = None, init_scale: float = 0.1):
         owner = type(self).__name__
-        for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("num_classes", num_classes),
-                        ("max_len", max_len)):
+        if (vocab_size is None) == (in_features is None):
+            raise ValueError(
+                f"{owner}: give exactly one of `vocab_size` (integer token inputs) and `in_features` "
+                f"(float feature inputs, with vocab_size=None); got vocab_size={vocab_size!r}, "
+                f"in_features={in_features!r}."
+            )
+        for name, v in (("vocab_size", vocab_size), ("in_features", in_features)):
+            if v is not None:
+                _check_int(owner, name, v)
+        for name, v in (("d_model", d_model), ("num_classes", num_classes), ("max_len", max_len)):
             _check_int(owner, name, v)
-        self.vocab_size, self.d_model, self.num_classes, self.max_len = vocab_size, d_model, num_classes, max_len
+        self.vocab_size, self.in_features = vocab_size, in_features
+        self.d_model, self.num_classes, self.max_len = d_model, num_classes, max_len
         self.causal, self.per_token = bool(causal), bool(per_token)
-        self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        if vocab_size is not None:
+            self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        else:
+            self.embed = nnx.Linear(in_features, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
-        cell = TransformerCell(d_model, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, causal=causal)
+        cell = TransformerCell(d_model, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, causal=causal,
+                               init_scale=init_scale)
         self.deq = _make_deq(cell, solver, backward, eval_solver)
         self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 
     def __call__(self, tokens):
         tokens = jnp.asarray(tokens)
         owner = type(self).__name__
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"{owner}: expected integer tokens of shape (B, T), got {tokens.dtype}{list(tokens.shape)}.")
+        if self.vocab_size is not None:
+            if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+                raise ValueError(
+                    f"{owner}: expected integer tokens of shape (B, T), got {tokens.dtype}{list(tokens.shape)}. "
+                    "For float features (B, T, F) build the model with vocab_size=None, in_features=F."
+                )
+        elif tokens.ndim != 3 or tokens.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{owner}: expected float features of shape (B, T, {self.in_features}), got shape "
+                f"{tuple(tokens.shape)}."
+            )
         T = tokens.shape[1]
         if T > self.max_len:
             raise ValueError(f"{owner}: sequence length {T} exceeds max_len={self.max_len}; build with a larger max_len.")
@@ -664,6 +695,7 @@ class TransformerDEQLM(TransformerDEQClassifier):
       solver: forward solver (default `default_solver()`).
       backward: backward strategy (default `default_backward()`).
       eval_solver: solver in eval mode; None uses `solver`.
+      init_scale: passed to `TransformerCell`.
 
     Returns:
       Calling the model on int tokens `(B, T)` returns `(logits (B, T, vocab_size), info)`.
@@ -682,10 +714,11 @@ class TransformerDEQLM(TransformerDEQClassifier):
     """
 
     def __init__(self, vocab_size: int, d_model: int, num_heads: int, *, rngs: nnx.Rngs, max_len: int = 512,
-                 mlp_ratio: int = 4, solver=None, backward=None, eval_solver=None):
+                 mlp_ratio: int = 4, solver=None, backward=None, eval_solver=None, init_scale: float = 0.1):
+        _check_int("TransformerDEQLM", "vocab_size", vocab_size)
         super().__init__(vocab_size, d_model, num_heads, vocab_size, rngs=rngs, max_len=max_len,
                          mlp_ratio=mlp_ratio, causal=True, per_token=True, solver=solver,
-                         backward=backward, eval_solver=eval_solver)
+                         backward=backward, eval_solver=eval_solver, init_scale=init_scale)
 
 
 # --------------------------------------------------------------------------------------------
