@@ -14,11 +14,16 @@ and of MDEQ (Bai, Koltun & Kolter 2020):
     y = \mathrm{N}_1(\mathrm{relu}(W_1 z)), \qquad
     z_{\text{new}} = \mathrm{N}_3\big(\mathrm{relu}(z + \mathrm{N}_2(x + W_2 y))\big),
 
-with weight-normalised `W_1`, `W_2` (Salimans & Kingma 2016). The skip `z + ...` alone would
-make the map non-contractive; the outer normalisation `N_3` divides by the standard deviation of
-`z + N_2(...)` (about `sqrt(2)` at the fixed point, where both terms have unit scale), which is
-what makes the map contractive in practice, so Anderson converges in tens of steps at
-initialisation.
+with weight-normalised `W_1`, `W_2` (Salimans & Kingma 2016) started small (`init_scale=0.1`
+times LeCun normal, like the tutorial's std 0.01), so that at initialisation the map is close
+to `z -> N_3(relu(z + N_2(x)))`. The skip `z + ...` alone would make the map non-contractive;
+the outer normalisation `N_3` divides by the spread of `z + N_2(...)`, which is what makes it
+contractive in practice: at initialisation Anderson converges (rtol 1e-3) in about 10 steps on
+random inputs, and the spectral radius of the Jacobian at the fixed point measured about 0.8
+(0.93-0.96 with one channel per GroupNorm group, hence the default of gcd(channels, 4) groups).
+These are measurements, not guarantees: training can make a cell less contractive, so monitor
+the solver statistics (`info["converged_frac"]` of the models in `deq.nn.models`); for a cell
+that is contractive by construction see `deq.nn.ContractiveDense` or `deq.monotone`.
 
 References:
   Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
@@ -195,7 +200,7 @@ class DenseCell(nnx.Module):
     with weight-normalised `W_1` (features -> hidden), `W_2` (hidden -> features) and per-sample
     LayerNorms (or GroupNorms) `N_i` (Kolter et al.'s tutorial cell in dense form). With
     `use_norm=False` the norms and the skip are dropped, `z_new = relu(u + W_2 relu(W_1 z))`,
-    which is contractive only when `||W_2|| ||W_1|| < 1` (use a small `init_scale`, e.g. 0.5).
+    which is contractive only while `||W_2|| ||W_1|| < 1` (true at the default `init_scale`).
 
     The input injection `u` is computed by the caller (pass `x` already of shape
     `(..., features)`, the cheap option: it is computed once, not at every solver step) or by
