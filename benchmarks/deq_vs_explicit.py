@@ -582,7 +582,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, Any]:
     """Run the benchmark; write ``deq_vs_explicit.json`` and PNGs; return the payload."""
     args = parse_args(argv)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
     profile = args.profile
     datasets = C.pick(profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
@@ -678,6 +678,7 @@ def main(argv=None) -> dict[str, Any]:
         "benchmark": NAME, "profile": profile, "settings": settings, "results": results,
         "summary_table": table, "targets": targets, "figures": figures,
         "run_time_s": time.perf_counter() - started,
+        "cpu_time_s": time.process_time() - cpu_started,
     }
     path = C.save_json(args.out, NAME, payload)
     print(f"\ntable: {path} (summary_table, results); run time {payload['run_time_s']:.1f} s")

@@ -224,7 +224,7 @@ def plot(plt, dname: str, res: dict[str, Any], st: dict[str, Any]):
 def main(argv=None) -> dict[str, Any]:
     """Run the benchmark; write ``inference.json`` and PNGs; return the payload."""
     args = C.make_parser(__doc__.splitlines()[0]).parse_args(argv)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
     datasets = C.pick(args.profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
     results, per_settings = {}, {}
@@ -271,6 +271,7 @@ def main(argv=None) -> dict[str, Any]:
                      "load_average": {"before": load_before, "after": os.getloadavg()}},
         "results": results, "summary_table": table, "figures": figures,
         "run_time_s": time.perf_counter() - started,
+        "cpu_time_s": time.process_time() - cpu_started,
     }
     path = C.save_json(args.out, NAME, payload)
     print(f"\ntable: {path}; run time {payload['run_time_s']:.1f} s")

@@ -148,6 +148,9 @@ def test_test_time_compute_smoke(smoke):
     for kind in ("unrolled", "stack"):
         for L in st["test_lengths"]:
             assert _acc(data["results"]["explicit"][kind][str(L)]["token_accuracy"]["mean"])
+    for key in ("unrolled_any_depth", "deq_last_iterate"):
+        assert set(data["results"][key]) == {str(L) for L in st["test_lengths"]}
+        assert set(data["results"][key][str(st["test_lengths"][0])]) == {str(b) for b in st["budgets"]}
     for kind, m in data["models"].items():
         assert m["params"] > 0 and m["step_time_median_s"] > 0 and _acc(m["train_length_test_accuracy"])
     assert data["models"]["deq"]["params"] == data["models"]["unrolled"]["params"] < data["models"]["stack"]["params"]
