@@ -205,7 +205,10 @@ def git_info() -> dict[str, Any] | None:
     """
     head = _git("rev-parse", "HEAD")
     if head is None:
-        return None
+        # A copy of the tree without .git (e.g. a remote GPU machine): the caller may name the
+        # commit it was copied from in DEQ_GIT_COMMIT.
+        commit = os.environ.get("DEQ_GIT_COMMIT")
+        return {"commit": commit, "dirty": None, "source": "DEQ_GIT_COMMIT"} if commit else None
     status = _git("status", "--porcelain")
     return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}
 
@@ -247,7 +250,8 @@ def environment() -> dict[str, Any]:
         affinity = None
     devices = jax.devices()
     env_keys = ("JAX_PLATFORMS", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES", "JAX_ENABLE_X64")
+                "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES", "JAX_ENABLE_X64",
+                "JAX_DEFAULT_MATMUL_PRECISION")
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -261,6 +265,8 @@ def environment() -> dict[str, Any]:
         "devices": [d.device_kind for d in devices],
         "device_count": len(devices),
         "jax_x64": bool(jax.config.jax_enable_x64),
+        # GPUs run float32 matmuls in TF32 unless this is "highest"; GPU results set it.
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
         "env": {k: os.environ[k] for k in env_keys if k in os.environ},
         "versions": {key: _version(dist) for key, dist in _VERSIONED.items()},
