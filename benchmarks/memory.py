@@ -328,12 +328,20 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
 
     grid = [(method, depth) for method in METHODS for depth in depths]
 
+    probe_env = None
+    if C.is_gpu():
+        # Compilation's autotuning allocates scratch that would peak above a small step and mask
+        # the step's own device peak (the allocator's peak counter cannot be reset); allocate on
+        # demand so the device figures are the step's buffers, not a preallocated pool.
+        flags = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+        probe_env = {"XLA_FLAGS": flags, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
     def probe(point):
         method, depth = point
         return C.peak_rss_in_subprocess(
             "benchmarks.memory", "measure_point",
             {"method": method, "width": width, "batch": batch, "depth": depth, "cell": cell, "seed": seed},
-            timeout=900,
+            timeout=900, env=probe_env,
         )
 
     # Each point is its own process with its own peak-RSS mark, so running `jobs` of them at
