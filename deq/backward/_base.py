@@ -43,9 +43,11 @@ def _message(what: str, steps, residual, converged) -> str:
     bad = ~np.atleast_1d(np.asarray(converged))
     n_bad = int(bad.sum())
     worst = float(np.nanmax(np.where(bad, residual, -np.inf))) if n_bad else float("nan")
+    # GMRES (jax.scipy) does not report its iteration count: its steps arrive as -1.
+    taken = f"{int(steps.max())} step(s)" if steps.max() >= 0 else "its GMRES iterations"
     return (
         f"deq: {what} did not converge for {n_bad} of {bad.size} sample(s): after "
-        f"{int(steps.max())} step(s) the largest residual ||f(z) - z|| is {worst:.3e}. "
+        f"{taken} the largest residual ||f(z) - z|| is {worst:.3e}. "
         "Try: increase `max_steps`, loosen `rtol`/`atol`, switch to Anderson/Broyden, damp the "
         "solver, or use a contractive cell (deq.nn.ContractiveDense) to guarantee convergence."
     )
