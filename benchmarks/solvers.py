@@ -1,4 +1,4 @@
-"""Forward solvers side by side: deq vs jaxopt vs optimistix on one seeded DEQ cell.
+"""Forward solvers side by side: deq vs jaxopt vs optimistix (vs torchdeq) on one seeded DEQ cell.
 
 Run ``python -m benchmarks.solvers --profile smoke|quick|full`` (``--out DIR``,
 ``--seed``, ``--no-plot``).
@@ -41,6 +41,27 @@ that (read from the installed sources):
   gradients, ``history_size = maxiter``).
 * optimistix ``FixedPointIteration``: ``norm=optx.two_norm, rtol=0, atol=1e-4`` gives
   ``||y_k - f(y_k)||_2 < 1e-4``; returns ``f(y_k)``.
+* torchdeq (PyTorch; optional, the ``peers`` extra: ``pip install -e '.[peers]'``; when
+  ``import torch, torchdeq`` fails one line says so and the JSON's ``torchdeq`` entry records
+  why): ``torchdeq.get_deq(f_solver=..., f_max_iter=500, f_tol=1e-4, f_stop_mode='abs', ...)``
+  applied to the batch packed into ONE row, shape ``(1, batch*hidden)``, with ``W, U, b, x``
+  from the saved arrays (float32). Its solvers flatten ``z`` to ``(rows, -1)`` and stop when
+  the largest per-row ``||f(z) - z||_2`` is ``< tol``; one row makes that the whole-batch norm.
+  ``fixed_point_iter`` tests ``||f(x_k) - x_k||`` and returns ``f(x_k)``. ``anderson`` (its
+  defaults ``m=6, lam=1e-4, tau=1``) spends its first two ``f`` calls on plain iteration, then
+  tests ``||f(y_k) - y_k||`` at the mixed point and returns ``f(y_k)``; it counts those two calls
+  as steps, so its ``steps`` equal its ``f`` evaluations. ``broyden`` (defaults: no line search,
+  ``LBFGS_thres = max_iter``, i.e. full memory) tests ``||g(x_k)||`` at the point it returns, and
+  also stops, after more than 30 steps, when the residual is below ``3 * tol`` and improved less
+  than 1.3x over the last 30 steps (a rule of its own that no argument turns off; such a stop
+  shows as not converged). All three return their lowest-residual iterate (``return_final``
+  False). ``max_iter = 500`` bounds ``f`` evaluations for iteration and Anderson, steps for
+  Broyden. torch runs on the CPU with ``torch.set_num_threads`` = the CPUs this process may use
+  (the size of XLA's CPU thread pool), or on CUDA when JAX runs on a GPU and torch sees one.
+  ``OMP_WAIT_POLICY=PASSIVE`` is set before torch is first imported (unless already set; the
+  JSON records it): with libgomp's default spin-waiting, on the shared 2-core machine every
+  multi-threaded torch op waited for a descheduled thread (a 64x256 @ 256x256 matmul took
+  3-26 ms instead of 0.25 ms; a 6x64 Gram matrix 16-20 ms).
 
 Every final residual is recomputed here, in float64 NumPy, from the returned ``z``.
 
@@ -50,8 +71,19 @@ implicit differentiation (``custom_root``) with its default linear solver (norma
 ``jax.scipy`` CG ``tol=1e-5``). optimistix: ``ImplicitAdjoint(linear_solver=lineax.GMRES(
 rtol=1e-5, atol=1e-7))`` (matrix-free); its default ``ImplicitAdjoint()`` materialises the
 ``(batch*hidden)^2`` Jacobian (a 1 GiB float32 matrix here) and is measured only in the ``full``
-profile, in a subprocess with a timeout. Each gradient is compared with a reference gradient
-(deq Anderson at ``atol=1e-5`` + ``IFT(GMRES(rtol=1e-7))``).
+profile, in a subprocess with a timeout. torchdeq: its IFT (``ift=True``: a
+``torch.autograd.Function`` whose backward solves ``u = u J_f(z*) + g`` with ``b_solver``), set
+like deq's default ``IFT()``: ``b_solver='anderson', b_stop_mode='rel', b_tol=1e-4,
+b_max_iter=100``. Its defaults (``b_solver='fixed_point_iter', b_max_iter=40, b_tol=1e-6``
+absolute) are not used for the comparison: plain iteration on ``u J_f`` does not converge on the
+hard problem and is slow on the contractive one (measured while writing this: relative gradient
+error 0.31 and 0.002 at the smoke size; at the quick size 5.5% and 0.02% away from the gradient
+of the setting above); the gradient error they give is recorded once per problem
+(``torchdeq.default_backward``, untimed). In training mode torchdeq returns
+``f(z*)`` (one more ``f`` call, the anchor of its IFT graph), so its forward+backward is the
+gradient of ``sum(f(z*))``; its forward alone is timed in eval mode, which returns ``z*``. Each
+gradient is compared with a reference gradient (deq Anderson at ``atol=1e-5`` +
+``IFT(GMRES(rtol=1e-7))``).
 
 Timings: every jitted function is first called once (``compile_s``, via ``_common.time_fn``;
 JAX's caches are cleared once before the compile phase); then the timed calls are interleaved
@@ -65,11 +97,19 @@ call of ``f`` (as specified; a single call includes dispatch, so this flatters e
 ``f`` inside a compiled loop of 10 (wall median / wall min / CPU median): the stricter numbers.
 ``ift_backward_s = forward_backward_s - forward_s``. Memory: ``_common.xla_memory`` of the
 compiled forward and forward+backward functions. The machine's load average is recorded.
+torchdeq's functions (eager PyTorch, synchronised on CUDA) join the same interleaved rounds;
+torch has no compile step, so their ``compile_s`` is null (the untimed first call is in
+``first_call_s``), their ``memory`` is null (XLA's analysis only), and their overheads divide
+by the times of one eager torch ``f`` call (``f_eval.torch`` in the JSON).
 
 Residual traces (quick/full; deq also in smoke): deq's ``stats.residual_history``; for peers the
 library's own ``init_state/update`` (``init/step`` for optimistix) is stepped from Python with
 the same settings, recomputing ``||f(z) - z||`` of the iterate the library would return after
-each step. The time axis of the plot is ``k * forward_min_s / steps``.
+each step. torchdeq (every profile, one untimed solve): its solver function is called
+directly, as ``get_deq`` calls it (``torch.no_grad``, same arguments), with ``indexing`` naming
+every step, which makes it keep the iterate it would return after each step; their residuals
+are recomputed in float64 NumPy (its Anderson would return ``z0`` after its first two steps).
+The time axis of the plot is ``k * forward_min_s / steps``.
 
 The ``quick``/``full`` profiles also time the pieces of an Anderson step at the problem's shapes
 inside compiled loops (``anderson_breakdown``) to show where its per-step time goes, and the
@@ -112,6 +152,18 @@ SOLVERS = (
 JAXOPT_BROYDEN_DEFAULT = "jaxopt.Broyden(defaults)"
 OURS_ANDERSON = "deq.Anderson"
 JAXOPT_TUNED_AA = "jaxopt.AndersonAcceleration(ridge=1e-10)"
+
+#: The optional PyTorch peer (measured when `import torch, torchdeq` works), by its solver key.
+TORCHDEQ_SOLVERS = {
+    "torchdeq.FixedPointIteration": "fixed_point_iter",
+    "torchdeq.Anderson": "anderson",
+    "torchdeq.Broyden": "broyden",
+}
+TORCHDEQ_MISSING = "torchdeq not installed: pip install -e '.[peers]'"
+#: torchdeq's forward arguments: the stopping test of every library.
+TORCHDEQ_FORWARD = {"f_max_iter": MAX_STEPS, "f_tol": TOL, "f_stop_mode": "abs"}
+#: torchdeq's IFT backward, set like deq.IFT()'s default adjoint solve (Anderson, relative 1e-4, 100 steps).
+TORCHDEQ_BACKWARD = {"ift": True, "b_solver": "anderson", "b_max_iter": 100, "b_tol": 1e-4, "b_stop_mode": "rel"}
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +291,17 @@ def solver_settings(name: str) -> dict[str, Any]:
         }.get(name, "")
         return {**common, "call": f"{name} with tol={TOL}, maxiter={MAX_STEPS}; other settings default", "note": extra,
                 "backward": "jaxopt implicit diff (custom_root), default solve = solve_normal_cg (jax.scipy cg tol=1e-5)"}
+    if name.startswith("torchdeq."):
+        kw = ", ".join(f"{k}={v!r}" for k, v in {"f_solver": TORCHDEQ_SOLVERS[name], **TORCHDEQ_FORWARD}.items())
+        bw = ", ".join(f"{k}={v!r}" for k, v in TORCHDEQ_BACKWARD.items())
+        return {**common, "call": f"torchdeq.get_deq({kw}, ...)(f, z0) on z packed as one row (1, batch*hidden); "
+                "eval mode for the forward; solver settings default",
+                "note": {"fixed_point_iter": "tests ||f(x_k)-x_k||, returns f(x_k) (lowest residual)",
+                         "anderson": "m=6, lam=1e-4, tau=1 (defaults); steps count its two initial plain calls; tests "
+                                     "the mixed point y_k, returns f(y_k) (lowest residual)",
+                         "broyden": "no line search, LBFGS_thres = max_iter (defaults); also stops after > 30 steps "
+                                    "when residual < 3 tol and < 1.3x progress over 30 steps"}[TORCHDEQ_SOLVERS[name]],
+                "backward": f"torchdeq IFT: get_deq(..., {bw}) in training mode; grad of sum(f(z*))"}
     return {**common, "call": f"optx.fixed_point(f, FixedPointIteration(rtol=0, atol={TOL}, norm=two_norm), "
             f"max_steps={MAX_STEPS}, throw=False)",
             "backward": "optx.ImplicitAdjoint(linear_solver=lineax.GMRES(rtol=1e-5, atol=1e-7))"}
@@ -324,6 +387,146 @@ def peer_trace(name: str, params: tuple, z0_shape, tol: float = TOL, max_steps: 
 
 
 # --------------------------------------------------------------------------
+# torchdeq (optional peer): eager PyTorch callables with no arguments
+# --------------------------------------------------------------------------
+
+
+def import_torchdeq() -> tuple[Any, Any, dict[str, Any]]:
+    """``(torch, torchdeq, status)``; the modules are None, and status says why, when an import fails.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before torch is first imported: see the module
+    docstring for what libgomp's default spin-waiting does on a shared machine.
+    """
+    imported_before = "torch" in sys.modules
+    policy_set = not imported_before and "OMP_WAIT_POLICY" not in os.environ
+    if policy_set:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        import torch
+        import torchdeq
+    except ImportError as e:
+        return None, None, {"status": "skipped", "reason": TORCHDEQ_MISSING, "error": repr(e)}
+    return torch, torchdeq, {
+        "status": "measured", "torch": torch.__version__, "torchdeq": C._version("torchdeq"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_wait_policy_set_here": policy_set,
+        "torch_imported_before": imported_before,
+    }
+
+
+def torch_runtime(torch) -> dict[str, Any]:
+    """Give torch as many CPU threads as XLA's CPU pool and pick its device; returns what was set."""
+    try:
+        threads = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    device = "cuda" if C.is_gpu() and torch.cuda.is_available() else "cpu"
+    return {"device": device, "num_threads": torch.get_num_threads(),
+            "num_threads_rule": "len(os.sched_getaffinity(0)): the CPUs this process may use (XLA's CPU pool size)",
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def make_torchdeq(name: str, torch, torchdeq, params, z0_shape, device: str, loop_len: int = 10) -> dict[str, Callable]:
+    """torchdeq's solver `name` on one problem, as callables without arguments.
+
+    ``forward() -> (z, info)`` (eval mode, ``z`` of shape `z0_shape`), ``forward_backward() ->
+    (grads, backward_stats)`` (training mode, IFT, grads of ``sum`` of the output w.r.t. ``W, U,
+    b``), ``trace() -> [residual after step k]``, ``default_backward() -> grads`` (torchdeq's
+    default backward settings) and ``f()`` / ``f_loop()`` (one / `loop_len` eager calls of ``f``).
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    W, U, b, x = (torch.tensor(np.asarray(a, np.float32), device=device, requires_grad=i < 3)
+                  for i, a in enumerate(params))
+    params64 = tuple(np.asarray(a, np.float64) for a in params)
+    calls = [0]
+
+    def f(z):  # the batch packed into one row: torchdeq's residual norms are per row
+        calls[0] += 1
+        return torch.tanh(z.reshape(z0_shape) @ W.T + x @ U.T + b).reshape(1, -1)
+
+    z0 = torch.zeros((1, int(np.prod(z0_shape))), device=device)
+    key = TORCHDEQ_SOLVERS[name]
+    layer = torchdeq.get_deq(f_solver=key, **TORCHDEQ_FORWARD, **TORCHDEQ_BACKWARD)
+    layer_eval = torchdeq.get_deq(f_solver=key, **TORCHDEQ_FORWARD, **TORCHDEQ_BACKWARD).eval()
+    # torchdeq counts Anderson's two initial calls as steps; Broyden makes one call before its first step.
+    extra_calls = 1 if key == "broyden" else 0
+
+    def forward():
+        calls[0] = 0
+        z, info = layer_eval(f, z0)
+        sync()
+        return z[-1].reshape(z0_shape), {"steps": calls[0] - extra_calls, "f_evals": calls[0],
+                                         "library_residual": float(info["abs_lowest"].max())}
+
+    def grads(deq_layer):
+        stats: list = []
+        z, _ = deq_layer(f, z0, backward_writer=stats.append)
+        g = torch.autograd.grad(z[-1].sum(), (W, U, b))
+        sync()
+        return g, stats
+
+    def forward_backward():
+        g, stats = grads(layer)
+        return g, {"steps": int(stats[-1]["nstep"].max()), "rel_residual": float(stats[-1]["rel_lowest"].max())}
+
+    def default_backward():
+        return grads(torchdeq.get_deq(f_solver=key, **TORCHDEQ_FORWARD, ift=True))[0]
+
+    def trace():
+        solver = torchdeq.solver.get_solver(key)
+        with torch.no_grad():
+            _, zs, _ = solver(f, z0, max_iter=MAX_STEPS, tol=TOL, stop_mode="abs", indexing=range(1, MAX_STEPS + 2))
+        zs = [z0] * (3 if key == "anderson" else 1) + list(zs)
+        return [residual64(z.reshape(z0_shape).cpu().numpy(), params64) for z in zs]
+
+    z_probe = torch.full_like(z0, 0.1)
+
+    def f_single():
+        out = f(z_probe)
+        sync()
+        return out
+
+    def f_loop():
+        z = z_probe
+        for _ in range(loop_len):
+            z = f(z)
+        sync()
+        return z
+
+    return {"forward": forward, "forward_backward": forward_backward, "trace": trace,
+            "default_backward": default_backward, "f": f_single, "f_loop": f_loop}
+
+
+def torch_flat(tensors) -> np.ndarray:
+    return np.concatenate([t.detach().cpu().numpy().astype(np.float64).ravel() for t in tensors])
+
+
+def setup_torchdeq(problems: dict[str, tuple], z0_shape, loop_len: int, ref_grads: dict[str, np.ndarray],
+                   log=print) -> tuple[dict[str, Any], dict]:
+    """The JSON's ``torchdeq`` entry and ``{(name, problem): make_torchdeq(...)}`` (empty when not installed).
+
+    When measured, the entry also holds the gradient error of torchdeq's default backward settings
+    (one untimed gradient per problem, Anderson forward).
+    """
+    torch, torchdeq, status = import_torchdeq()
+    if torch is None:
+        log(f"[{NAME}] {TORCHDEQ_MISSING}")
+        return status, {}
+    status.update(torch_runtime(torch))
+    runs = {(name, p): make_torchdeq(name, torch, torchdeq, params, z0_shape, status["device"], loop_len)
+            for name in TORCHDEQ_SOLVERS for p, params in problems.items()}
+    status.update(solvers=list(TORCHDEQ_SOLVERS), forward=TORCHDEQ_FORWARD, backward=TORCHDEQ_BACKWARD)
+    status["default_backward"] = {
+        "how": "torchdeq.Anderson forward; get_deq(ift=True) with its default backward (b_solver='fixed_point_iter', "
+               "b_max_iter=40, b_tol=1e-6 absolute); one untimed gradient per problem",
+        **{p: _grad_error(torch_flat(runs[("torchdeq.Anderson", p)]["default_backward"]()), ref_grads[p])
+           for p in problems}}
+    log(f"[{NAME}] torchdeq {status['torchdeq']} (torch {status['torch']}) on {status['device']}, "
+        f"{status['num_threads']} threads")
+    return status, runs
+
+
+# --------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------
 
@@ -361,8 +564,45 @@ def _cpu_timed(fn: Callable, sink: list) -> Callable:
     return wrapped
 
 
+def _f_eval_stats(times, cpu, key, loop_len: int) -> dict[str, Any]:
+    """Per-call time of ``f`` from its single-call and looped probes ``(*key, "single" | "loop")``."""
+    single, looped = _stats(times[(*key, "single")]), _stats(times[(*key, "loop")])
+    return {"f_eval_s": single["median_s"], "f_eval_min_s": single["min_s"], "f_eval_iqr_s": single["iqr_s"],
+            "f_eval_in_loop_s": looped["median_s"] / loop_len, "f_eval_in_loop_min_s": looped["min_s"] / loop_len,
+            "f_eval_cpu_s": float(np.median(cpu[(*key, "single")])),
+            "f_eval_in_loop_cpu_s": float(np.median(cpu[(*key, "loop")])) / loop_len,
+            "loop_len": loop_len}
+
+
+def _timed_record(times, cpu, key, timing_info, steps: int, n_f: int, fe: dict[str, Any]) -> dict[str, Any]:
+    """The timing fields of one (solver, problem) record; `fe` is the ``f`` probe it is divided by."""
+    tf, tb = _stats(times[(*key, "fwd")]), _stats(times[(*key, "fb")])
+    fwd_cpu = float(np.median(cpu[(*key, "fwd")]))
+    return {
+        "forward_s": tf["median_s"], "forward_iqr_s": tf["iqr_s"], "forward_min_s": tf["min_s"],
+        "forward_backward_s": tb["median_s"], "forward_backward_iqr_s": tb["iqr_s"],
+        "forward_backward_min_s": tb["min_s"],
+        "ift_backward_s": tb["median_s"] - tf["median_s"],
+        "ift_backward_min_s": tb["min_s"] - tf["min_s"],
+        "forward_cpu_s": fwd_cpu,
+        "forward_backward_cpu_s": float(np.median(cpu[(*key, "fb")])),
+        "timing": {**timing_info, "forward_times_s": tf["times_s"], "forward_backward_times_s": tb["times_s"]},
+        "overhead": tf["median_s"] / (max(steps, 1) * fe["f_eval_s"]),
+        "overhead_loop": tf["median_s"] / (max(n_f, 1) * fe["f_eval_in_loop_s"]),
+        "overhead_loop_min": tf["min_s"] / (max(n_f, 1) * fe["f_eval_in_loop_min_s"]),
+        "overhead_loop_cpu": fwd_cpu / (max(n_f, 1) * fe["f_eval_in_loop_cpu_s"]),
+        "time_per_step_s": tf["median_s"] / max(steps, 1),
+    }
+
+
+def _grad_error(g: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    return {"grad_finite": bool(np.all(np.isfinite(g))),
+            "grad_rel_error": float(np.linalg.norm(g - ref) / np.linalg.norm(ref))}
+
+
 def measure_all(names, problems: dict[str, tuple], z0_shape, *, repeats: int, rounds: int, loop_len: int,
-                ref_grads: dict[str, np.ndarray], trace: bool, log=print) -> tuple[dict, dict]:
+                ref_grads: dict[str, np.ndarray], trace: bool, torch_runs: dict | None = None,
+                log=print) -> tuple[dict, dict]:
     """Measure every solver on every problem; returns ``(results[problem][solver], f_eval[problem])``.
 
     1. Compile: for each solver, the forward and forward+backward functions are jitted and called
@@ -370,12 +610,14 @@ def measure_all(names, problems: dict[str, tuple], z0_shape, *, repeats: int, ro
        are cleared once before this phase, not per function, so that every executable stays
        compiled for the timing phase. The other problems have the same shapes and reuse the
        executables (their ``compile_s`` is None). Outputs, gradients and ``xla_memory`` come from
-       this phase.
+       this phase. `torch_runs` (``{(name, problem): make_torchdeq(...)}``, optional) are called
+       once here too (``first_call_s``; torch compiles nothing).
     2. Time: ``rounds`` rounds; in each, every (solver, problem, fwd / fwd+bwd) function and the two
-       ``f`` probes get one ``time_fn`` call with ``repeats // rounds`` timed calls (after
-       ``time_fn``'s own untimed first call). Interleaving spreads changes of machine load over
-       all functions alike; medians (and minima) are over all rounds.
+       ``f`` probes (and torch's two) get one ``time_fn`` call with ``repeats // rounds`` timed
+       calls (after ``time_fn``'s own untimed first call). Interleaving spreads changes of machine
+       load over all functions alike; medians (and minima) are over all rounds.
     """
+    torch_runs = torch_runs or {}
     first = next(iter(problems))
     z = jnp.zeros(z0_shape, jnp.float32) + 0.1
     f_single = jax.jit(cell)
@@ -398,6 +640,14 @@ def measure_all(names, problems: dict[str, tuple], z0_shape, *, repeats: int, ro
                 outs[(name, p, kind)] = fn(*params)
             mem[(name, kind)] = C.xla_memory(fn, *problems[first])
         log(f"[{NAME}] compiled {name} in {time.perf_counter() - t0:.1f} s")
+    for (name, p), run in torch_runs.items():
+        for kind, fn in (("fwd", run["forward"]), ("fb", run["forward_backward"])):
+            fns[(name, p, kind)], args[(name, p, kind)] = fn, ()
+            compile_s[(name, p, kind)] = C.time_fn(fn, warmup=0, repeats=1, clear_caches=False)["compile_s"]
+            outs[(name, p, kind)] = fn()
+        for kind, fn in (("single", run["f"]), ("loop", run["f_loop"])):
+            fns.setdefault(("torch_f", p, kind), fn)
+            args[("torch_f", p, kind)] = ()
     times: dict[tuple, list[float]] = {k: [] for k in fns}
     cpu: dict[tuple, list[float]] = {k: [] for k in fns}
     per_round = max(1, repeats // rounds)
@@ -410,49 +660,29 @@ def measure_all(names, problems: dict[str, tuple], z0_shape, *, repeats: int, ro
     timing_info = {"rounds": rounds, "per_round": per_round, "repeats": rounds * per_round,
                    "untimed_calls_per_round": 1}
 
-    f_eval = {}
-    for p in problems:
-        single, looped = _stats(times[("f", p, "single")]), _stats(times[("f", p, "loop")])
-        f_eval[p] = {"f_eval_s": single["median_s"], "f_eval_min_s": single["min_s"], "f_eval_iqr_s": single["iqr_s"],
-                     "f_eval_in_loop_s": looped["median_s"] / loop_len, "f_eval_in_loop_min_s": looped["min_s"] / loop_len,
-                     "f_eval_cpu_s": float(np.median(cpu[("f", p, "single")])),
-                     "f_eval_in_loop_cpu_s": float(np.median(cpu[("f", p, "loop")])) / loop_len,
-                     "loop_len": loop_len}
+    f_eval = {p: _f_eval_stats(times, cpu, ("f", p), loop_len) for p in problems}
+    for p in {p for _, p in torch_runs}:
+        f_eval[p]["torch"] = {**_f_eval_stats(times, cpu, ("torch_f", p), loop_len),
+                              "note": "eager torch f; the looped probe is a Python loop"}
 
     results: dict[str, dict[str, dict]] = {p: {} for p in problems}
     for name in names:
         for p, params in problems.items():
-            tf, tb = _stats(times[(name, p, "fwd")]), _stats(times[(name, p, "fb")])
             z_star, info = outs[(name, p, "fwd")]
             steps, n_f = int(info["steps"]), int(info["f_evals"])
             final = residual64(z_star, params)
-            fe = f_eval[p]
             rec = {
                 "library": name.split(".")[0], "settings": solver_settings(name),
                 "steps": steps, "f_evals": n_f, "final_residual": final,
                 "converged": bool(np.isfinite(final) and final <= TOL),
-                "forward_s": tf["median_s"], "forward_iqr_s": tf["iqr_s"], "forward_min_s": tf["min_s"],
-                "forward_backward_s": tb["median_s"], "forward_backward_iqr_s": tb["iqr_s"],
-                "forward_backward_min_s": tb["min_s"],
-                "ift_backward_s": tb["median_s"] - tf["median_s"],
-                "ift_backward_min_s": tb["min_s"] - tf["min_s"],
-                "forward_cpu_s": float(np.median(cpu[(name, p, "fwd")])),
-                "forward_backward_cpu_s": float(np.median(cpu[(name, p, "fb")])),
+                **_timed_record(times, cpu, (name, p), timing_info, steps, n_f, f_eval[p]),
                 "compile_s": ({"forward": compile_s[(name, p, "fwd")], "forward_backward": compile_s[(name, p, "fb")]}
                               if p == first else None),
                 "compile_shared_with": None if p == first else first,
                 "first_call_s": {"forward": compile_s[(name, p, "fwd")], "forward_backward": compile_s[(name, p, "fb")]},
                 "memory": {"forward": mem[(name, "fwd")], "forward_backward": mem[(name, "fb")]},
-                "timing": {**timing_info, "forward_times_s": tf["times_s"], "forward_backward_times_s": tb["times_s"]},
-                "overhead": tf["median_s"] / (max(steps, 1) * fe["f_eval_s"]),
-                "overhead_loop": tf["median_s"] / (max(n_f, 1) * fe["f_eval_in_loop_s"]),
-                "overhead_loop_min": tf["min_s"] / (max(n_f, 1) * fe["f_eval_in_loop_min_s"]),
-                "overhead_loop_cpu": float(np.median(cpu[(name, p, "fwd")])) / (max(n_f, 1) * fe["f_eval_in_loop_cpu_s"]),
-                "time_per_step_s": tf["median_s"] / max(steps, 1),
+                **_grad_error(_flat(outs[(name, p, "fb")]), ref_grads[p]),
             }
-            g = _flat(outs[(name, p, "fb")])
-            rec["grad_finite"] = bool(np.all(np.isfinite(g)))
-            rec["grad_rel_error"] = float(np.linalg.norm(g - ref_grads[p]) / np.linalg.norm(ref_grads[p]))
             if "history" in info:
                 h = np.asarray(info["history"], np.float64)
                 rec["trace"] = h[: steps + 1].tolist()
@@ -464,6 +694,24 @@ def measure_all(names, problems: dict[str, tuple], z0_shape, *, repeats: int, ro
                 rec["trace"] = None
                 rec["trace_source"] = "skipped in this profile"
             results[p][name] = rec
+    for (name, p), run in torch_runs.items():
+        z_star, info = outs[(name, p, "fwd")]
+        grads, bwd = outs[(name, p, "fb")]
+        final = residual64(z_star.cpu().numpy(), problems[p])
+        results[p][name] = {
+            "library": "torchdeq", "settings": solver_settings(name),
+            "steps": info["steps"], "f_evals": info["f_evals"], "final_residual": final,
+            "converged": bool(np.isfinite(final) and final <= TOL),
+            "library_residual": info["library_residual"],
+            **_timed_record(times, cpu, (name, p), timing_info, info["steps"], info["f_evals"], f_eval[p]["torch"]),
+            "compile_s": None, "compile_shared_with": None,
+            "first_call_s": {"forward": compile_s[(name, p, "fwd")], "forward_backward": compile_s[(name, p, "fb")]},
+            "memory": {"forward": None, "forward_backward": None},
+            **_grad_error(torch_flat(grads), ref_grads[p]),
+            "backward_solver": bwd,
+            "trace": run["trace"](),
+            "trace_source": "torchdeq solver with indexing at every step; residual of returned iterate recomputed",
+        }
     return results, f_eval
 
 
@@ -742,10 +990,30 @@ def evaluate_targets(results: dict[str, dict[str, dict]]) -> list[dict[str, Any]
             ours["converged"] and ours["f_evals"] <= peers[best]["f_evals"],
             f"deq.Anderson {ours['f_evals']} f evals ({ours['steps']} steps) vs best peer {best} "
             f"{peers[best]['f_evals']} f evals ({peers[best]['steps']} steps)", "<=")
-    aa = con[JAXOPT_TUNED_AA]
 
     def ms(v):
         return f"{v * 1e3:.3f} ms"
+
+    if peers:
+        def best_of(key):
+            k = min(peers, key=lambda k: peers[k][key])
+            return k, peers[k][key]
+
+        fewest, fewest_steps = best_of("steps")
+        (fast, fast_s), (fast_min, fast_min_s), (fast_cpu, fast_cpu_s) = (
+            best_of(k) for k in ("forward_s", "forward_min_s", "forward_cpu_s"))
+        steps_ok = ours["converged"] and ours["steps"] <= fewest_steps
+        add("contractive: deq.Anderson fewest steps and least forward time among the libraries "
+            "(converged jaxopt, optimistix and, when installed, torchdeq solvers)",
+            steps_ok and ours["forward_s"] <= fast_s,
+            f"deq.Anderson {ours['steps']} steps ({ours['f_evals']} f evals) vs fewest {fewest} {fewest_steps} "
+            f"({peers[fewest]['f_evals']} f evals); median wall {ms(ours['forward_s'])} vs fastest {fast} "
+            f"{ms(fast_s)}; min wall {ms(ours['forward_min_s'])} vs {fast_min} {ms(fast_min_s)}; median CPU "
+            f"{ms(ours['forward_cpu_s'])} vs {fast_cpu} {ms(fast_cpu_s)}; libraries compared: "
+            f"{sorted({v['library'] for v in peers.values()})}", "fewest steps and least time",
+            passed_min=steps_ok and ours["forward_min_s"] <= fast_min_s,
+            passed_cpu=steps_ok and ours["forward_cpu_s"] <= fast_cpu_s)
+    aa = con[JAXOPT_TUNED_AA]
 
     def ratio_target(name, key, limit):
         r = ours[f"{key}_s"] / aa[f"{key}_s"]
@@ -780,10 +1048,15 @@ def evaluate_targets(results: dict[str, dict[str, dict]]) -> list[dict[str, Any]
     return targets
 
 
+def solver_order(per: dict[str, Any]) -> list[str]:
+    """Names in `per` in the order of the table and plot: `SOLVERS`, then torchdeq's."""
+    return [n for n in (*SOLVERS, *TORCHDEQ_SOLVERS) if n in per]
+
+
 def table_rows(results) -> list[dict[str, Any]]:
     rows = []
     for problem, per in results.items():
-        for name in SOLVERS:
+        for name in solver_order(per):
             r = per[name]
             rows.append({
                 "problem": problem, "solver": name, "steps": r["steps"], "f_evals": r["f_evals"],
@@ -808,13 +1081,13 @@ def plot(results, out_dir) -> Any:
     """
     plt = C.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
-    styles = {"deq": "-", "jaxopt": "--", "optimistix": ":"}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"deq": "-", "jaxopt": "--", "optimistix": ":", "torchdeq": "-."}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["navy", "darkred", "darkgreen"]
     for row, (problem, per) in enumerate(results.items()):
         conv = [r for r in per.values() if r["converged"] and r.get("trace")]
         k_max = max([len(r["trace"]) for r in conv] + [10]) * 2.5
         t_max = max([r["forward_min_s"] * 1e3 * len(r["trace"]) / max(r["steps"], 1) for r in conv] + [1e-3]) * 2.5
-        for i, name in enumerate(SOLVERS):
+        for i, name in enumerate(solver_order(per)):
             r = per[name]
             if not r.get("trace"):
                 continue
@@ -888,8 +1161,10 @@ def main(argv=None) -> dict[str, Any]:
             "spectral_radius_W": float(np.max(np.abs(np.linalg.eigvalsh(W64)))),
             "reference_gradient": ref_info,
         }
-    results, f_evals = measure_all(SOLVERS, problems, z0_shape, repeats=repeats, rounds=rounds,
-                                   loop_len=C.pick(prof, smoke=20, quick=10, full=10), ref_grads=refs, trace=traces)
+    loop_len = C.pick(prof, smoke=20, quick=10, full=10)
+    torchdeq_status, torch_runs = setup_torchdeq(problems, z0_shape, loop_len, refs)
+    results, f_evals = measure_all(SOLVERS, problems, z0_shape, repeats=repeats, rounds=rounds, loop_len=loop_len,
+                                   ref_grads=refs, trace=traces, torch_runs=torch_runs)
     for p in problems:
         extra[p]["f_eval"] = f_evals[p]
     loadavg["after_solvers"] = _loadavg()
@@ -900,7 +1175,8 @@ def main(argv=None) -> dict[str, Any]:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "problem": problem_info,
         "problems": extra,
-        "solvers": {name: solver_settings(name) for name in SOLVERS},
+        "solvers": {name: solver_settings(name) for name in solver_order(results[CONTRACTIVE])},
+        "torchdeq": torchdeq_status,
         "results": results,
     }
     if prof == "smoke":

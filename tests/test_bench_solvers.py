@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -33,8 +34,16 @@ def test_json_has_every_field(smoke):
     assert data["environment"]["git"]["commit"]
     assert data["problem"]["tolerance"] == S.TOL and data["problem"]["max_steps"] == S.MAX_STEPS
     assert set(data["results"]) == {S.CONTRACTIVE, S.HARD}
+    torchdeq = data["torchdeq"]
+    if torchdeq["status"] == "measured":
+        expected = {*S.SOLVERS, *S.TORCHDEQ_SOLVERS}
+        assert torchdeq["num_threads"] >= 1 and torchdeq["device"] in ("cpu", "cuda")
+    else:
+        expected = set(S.SOLVERS)
+        assert torchdeq == {"status": "skipped", "reason": S.TORCHDEQ_MISSING, "error": torchdeq["error"]}
+    assert set(data["solvers"]) == expected
     for problem, per in data["results"].items():
-        assert set(per) == set(S.SOLVERS)
+        assert set(per) == expected
         for name, rec in per.items():
             for key in PER_SOLVER:
                 assert key in rec, (problem, name, key)
@@ -73,3 +82,55 @@ def test_figure_and_problem_file_exist(smoke):
     assert payload["figure"] == png.name
     npz = out / payload["problem"]["npz"]
     assert npz.exists() and npz.stat().st_size < 2**20
+
+
+def test_torchdeq_rows(smoke):
+    """When torchdeq is installed its rows are in the run: residuals recomputed, IFT gradients accurate."""
+    _, payload = smoke
+    if payload["torchdeq"]["status"] != "measured":
+        pytest.skip(payload["torchdeq"]["reason"])
+    for problem, per in payload["results"].items():
+        for name in S.TORCHDEQ_SOLVERS:
+            rec = per[name]
+            assert rec["library"] == "torchdeq" and rec["compile_s"] is None
+            assert len(rec["trace"]) == rec["steps"] + 1
+            assert rec["trace"][-1] == pytest.approx(rec["final_residual"], rel=1e-6)
+            if rec["converged"]:
+                assert rec["grad_rel_error"] < 1e-2, (problem, name)
+    assert any("torchdeq" in t["measured"] for t in payload["targets"])
+
+
+def test_torchdeq_path_recomputes_the_residual():
+    """torchdeq's solvers on the smoke problem: the float64 residual of the returned z is below the
+    tolerance whenever torchdeq reports convergence, and the per-step trace ends on it."""
+    torch = pytest.importorskip("torch")
+    torchdeq = pytest.importorskip("torchdeq")
+    shape = (4, 16)
+    arrays = S.make_problem(0, hidden=16, batch=4, inp=8)
+    for problem in (S.CONTRACTIVE, S.HARD):
+        params = tuple(arrays[k] for k in (f"W_{problem}", "U", "b", "x"))
+        for name in S.TORCHDEQ_SOLVERS:
+            run = S.make_torchdeq(name, torch, torchdeq, params, shape, "cpu")
+            z, info = run["forward"]()
+            assert tuple(z.shape) == shape
+            res = S.residual64(z.numpy(), params)
+            assert res != info["library_residual"]  # float64, at the returned point: not torchdeq's number
+            if info["library_residual"] < S.TOL:
+                assert res <= S.TOL, (problem, name, res)
+            else:
+                assert info["f_evals"] >= S.MAX_STEPS or name == "torchdeq.Broyden", (problem, name)
+            if problem == S.CONTRACTIVE:  # solved by each of them, as by every JAX library
+                assert res <= S.TOL, name
+            trace = run["trace"]()
+            assert len(trace) == info["steps"] + 1 and trace[-1] == pytest.approx(res, rel=1e-6)
+
+
+def test_torchdeq_missing_is_one_line_and_a_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchdeq", None)  # makes `import torchdeq` raise ImportError
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    lines = []
+    status, runs = S.setup_torchdeq({}, (4, 16), loop_len=2, ref_grads={}, log=lines.append)
+    assert runs == {}
+    assert status["status"] == "skipped" and status["reason"] == S.TORCHDEQ_MISSING and "torchdeq" in status["error"]
+    assert lines == [f"[{S.NAME}] {S.TORCHDEQ_MISSING}"]
+    json.dumps(status)
