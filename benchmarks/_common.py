@@ -203,12 +203,14 @@ def git_info() -> dict[str, Any] | None:
       ``git status --porcelain`` reports any change (untracked files included),
       or None when git is unavailable or the code is not in a git repository.
     """
+    # A copy of the tree made elsewhere (e.g. on a remote GPU machine) may carry no .git or a
+    # stale one: the caller then names the commit it was copied from in DEQ_GIT_COMMIT.
+    commit = os.environ.get("DEQ_GIT_COMMIT")
+    if commit:
+        return {"commit": commit, "dirty": None, "source": "DEQ_GIT_COMMIT"}
     head = _git("rev-parse", "HEAD")
     if head is None:
-        # A copy of the tree without .git (e.g. a remote GPU machine): the caller may name the
-        # commit it was copied from in DEQ_GIT_COMMIT.
-        commit = os.environ.get("DEQ_GIT_COMMIT")
-        return {"commit": commit, "dirty": None, "source": "DEQ_GIT_COMMIT"} if commit else None
+        return None
     status = _git("status", "--porcelain")
     return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}
 
