@@ -8,14 +8,58 @@ examples, module-scoped fixtures that depend on it) therefore runs with x64; tes
 bfloat16 behaviour create those dtypes explicitly.
 
 Nothing here runs at import time, so collecting the core tests never changes global state.
+
+XLA compile time. The suite's cost is almost all XLA compilation of small programs on the CPU,
+so ``pytest_configure`` appends :data:`FAST_COMPILE_XLA_FLAGS` to ``XLA_FLAGS`` before any JAX
+backend starts: LLVM optimisation level 0 and XLA:CPU's classic elemental emitters instead of
+its newer fusion emitters. Both change how XLA turns the optimised HLO into machine code, not
+the HLO (every HLO pass still runs), so results agree with the default settings to within
+rounding, and the suite passes under both. Measured on 2 CPU cores: compilation is 3-5x
+cheaper (some parameter initialisers took 2-7 s each to compile at the default level), and
+``pytest -n 2 tests`` takes about a third of the time. The flags reach everything the session starts (xdist workers, benchmark subprocesses, notebook
+kernels) through the environment. They are checked once in a subprocess first, and dropped
+when that fails (a jaxlib that does not know a flag) or when the default backend is not the
+CPU. Flags already named in ``XLA_FLAGS`` are left as set; ``DEQ_TEST_XLA_DEFAULTS=1`` runs the
+suite with XLA's default settings.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
+
+#: Appended to ``XLA_FLAGS`` for the test session (see the module docstring).
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def _fast_compile_xla_flags() -> None:
+    """Add :data:`FAST_COMPILE_XLA_FLAGS` to ``XLA_FLAGS`` if this jaxlib accepts them on the CPU."""
+    if os.environ.get("DEQ_TEST_XLA_DEFAULTS") == "1" or os.environ.get("DEQ_TEST_XLA_FLAGS_CHECKED"):
+        return
+    os.environ["DEQ_TEST_XLA_FLAGS_CHECKED"] = "1"  # xdist workers inherit the decision
+    current = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in FAST_COMPILE_XLA_FLAGS if f.split("=")[0] not in current]
+    # all of them, else the optimisation level alone (a flag unknown to this jaxlib aborts XLA)
+    for candidate in (extra, extra[:1]):
+        if not candidate:
+            return
+        flags = " ".join([current, *candidate]).strip()
+        probe = subprocess.run(
+            [sys.executable, "-c", "import jax; print(jax.default_backend())"],
+            env=dict(os.environ, XLA_FLAGS=flags), capture_output=True, text=True, timeout=300, check=False,
+        )
+        if probe.returncode == 0:
+            if probe.stdout.split()[-1:] == ["cpu"]:
+                os.environ["XLA_FLAGS"] = flags
+            return
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _fast_compile_xla_flags()
 
 
 def _is_core_module(request: pytest.FixtureRequest) -> bool:
