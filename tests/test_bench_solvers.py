@@ -131,6 +131,8 @@ def test_torchdeq_missing_is_one_line_and_a_reason(monkeypatch):
     lines = []
     status, runs = S.setup_torchdeq({}, (4, 16), loop_len=2, ref_grads={}, log=lines.append)
     assert runs == {}
-    assert status["status"] == "skipped" and status["reason"] == S.TORCHDEQ_MISSING and "torchdeq" in status["error"]
+    assert status["status"] == "skipped" and status["reason"] == S.TORCHDEQ_MISSING
+    # the import error is recorded: torch itself when it is absent (CI), else the blocked torchdeq
+    assert ("torchdeq" in status["error"]) or ("No module named 'torch'" in status["error"])
     assert lines == [f"[{S.NAME}] {S.TORCHDEQ_MISSING}"]
     json.dumps(status)
