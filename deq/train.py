@@ -751,8 +751,13 @@ class History:
         return np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict (see `from_dict`)."""
-        return {"train": self.train, "eval": self.eval}
+        """A JSON-serializable dict (see `from_dict`): a copy, never the live record lists.
+
+        Checkpoints are written asynchronously; handing orbax the lists themselves let records
+        appended after the save (the steps after the checkpoint) leak into it when the write
+        ran late, so a resumed run replayed them twice.
+        """
+        return {"train": [dict(r) for r in self.train], "eval": [dict(r) for r in self.eval]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> History:
