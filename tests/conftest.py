@@ -16,11 +16,11 @@ its newer fusion emitters. Both change how XLA turns the optimised HLO into mach
 the HLO (every HLO pass still runs), so results agree with the default settings to within
 rounding, and the suite passes under both. Measured on 2 CPU cores: compilation is 3-5x
 cheaper (some parameter initialisers took 2-7 s each to compile at the default level), and
-``pytest -n 2 tests`` takes about a third of the time. The flags reach everything the session starts (xdist workers, benchmark subprocesses, notebook
-kernels) through the environment. They are checked once in a subprocess first, and dropped
-when that fails (a jaxlib that does not know a flag) or when the default backend is not the
-CPU. Flags already named in ``XLA_FLAGS`` are left as set; ``DEQ_TEST_XLA_DEFAULTS=1`` runs the
-suite with XLA's default settings.
+``pytest -n 2 tests`` takes about a third of the time. The flags reach everything the session
+starts (xdist workers, benchmark subprocesses, notebook kernels) through the environment. They
+are checked once in a subprocess first, and dropped when that fails (a jaxlib that does not
+know a flag) or when the default backend is not the CPU. Flags already named in ``XLA_FLAGS``
+are left as set; ``DEQ_TEST_XLA_DEFAULTS=1`` runs the suite with XLA's default settings.
 """
 
 from __future__ import annotations
