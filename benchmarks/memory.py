@@ -230,7 +230,7 @@ def _device_bytes() -> dict[str, int] | None:
     """``bytes_in_use`` / ``peak_bytes_in_use`` of the default device's allocator (None on CPU)."""
     if jax.default_backend() == "cpu":
         return None
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = C.device_memory() or {}
     keys = ("bytes_in_use", "peak_bytes_in_use")
     return {k: int(stats[k]) for k in keys} if all(k in stats for k in keys) else None
 
