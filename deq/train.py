@@ -753,9 +753,9 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (see `from_dict`): a copy, never the live record lists.
 
-        Checkpoints are written asynchronously; handing orbax the lists themselves let records
-        appended after the save (the steps after the checkpoint) leak into it when the write
-        ran late, so a resumed run replayed them twice.
+        Checkpoints are written asynchronously; handing orbax the live lists could let records
+        appended after the save (the steps after the checkpoint) leak into it if the write ran
+        late, and a resumed run would replay them (suspected cause of one flaky resume test).
         """
         return {"train": [dict(r) for r in self.train], "eval": [dict(r) for r in self.eval]}
 
