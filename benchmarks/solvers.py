@@ -873,16 +873,20 @@ def anderson_breakdown(params, z0_shape, K: int, repeats: int) -> dict[str, Any]
     fx = F(x)
     st = solver.init(F, x, fx)
     active = jnp.ones((B,), bool)
+    # The driver's lowest-residual point, held fixed here (it only steers Anderson's restarts).
+    from deq.solvers._base import Best
+
+    best = Best(x, fx, jnp.full((B,), jnp.inf, jnp.float32))
     for _ in range(m + 1):
-        x, fx, st = solver.step(F, x, fx, st, active)
+        x, fx, st = solver.step(F, x, fx, st, active, best)
 
     def step_loop(x, fx, st):
-        return jax.lax.fori_loop(0, K, lambda i, c: solver.step(F, c[0], c[1], c[2], active), (x, fx, st))
+        return jax.lax.fori_loop(0, K, lambda i, c: solver.step(F, c[0], c[1], c[2], active, best), (x, fx, st))
 
     p["Anderson.step (incl. one f)"] = _per_iter(step_loop, (x, fx, st), K, repeats)
     fpi = deq.FixedPointIteration()
     p["FixedPointIteration.step (incl. one f)"] = _per_iter(
-        lambda x, fx: jax.lax.fori_loop(0, K, lambda i, c: fpi.step(F, c[0], c[1], (), active)[:2], (x, fx)),
+        lambda x, fx: jax.lax.fori_loop(0, K, lambda i, c: fpi.step(F, c[0], c[1], (), active, best)[:2], (x, fx)),
         (x, fx), K, repeats)
     if hasattr(solver, "mix"):
         leaves, treedef = jax.tree_util.tree_flatten(st)

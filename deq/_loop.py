@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from ._solution import RESULTS
 from ._tree import row_norm, where_rows
+from .solvers._base import Best
 
 
 class LoopOutput(NamedTuple):
@@ -78,7 +79,8 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     )
 
     def body(c: _Carry) -> _Carry:
-        x_new, fx_new, state_new = solver.step(F, c.x, c.fx, c.state, c.active)
+        best = Best(c.best_x, c.best_fx, c.best_res)
+        x_new, fx_new, state_new = solver.step(F, c.x, c.fx, c.state, c.active, best)
         # Residuals steer the loop; they are not differentiated (sqrt has no derivative at 0).
         res = jax.lax.stop_gradient(row_norm(fx_new - x_new))
         finite = jnp.isfinite(res)

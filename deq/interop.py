@@ -229,7 +229,7 @@ class JaxoptSolver(AbstractSolver):
         state = jax.vmap(lambda xr, fxr: solver.init_state(xr, xr, fxr, *consts))(x.astype(wd), fx.astype(wd))
         return _strong(state)
 
-    def step(self, F, x, fx, state, active):
+    def step(self, F, x, fx, state, active, best):
         solver, consts = self.build(F, x)
         wd = _work_dtype(x)
         out = jax.vmap(lambda xr, sr, fxr: solver.update(xr, sr, xr, fxr, *consts))(

@@ -7,6 +7,7 @@ import pytest
 
 import deq
 from deq._tree import row_norm
+from deq.solvers._base import Best
 from deq.solvers.fallback import Fallback, FallbackState
 
 
@@ -37,8 +38,11 @@ def manual_run(solver, F, x0, steps):
         fx = F(x0)
         active = jnp.ones((x0.shape[0],), bool)
 
+        # The driver's best point is not tracked here: Fallback hands its own to its stages.
+        best = Best(x0, fx, jnp.full((x0.shape[0],), jnp.inf, fx.dtype))
+
         def body(_, c):
-            return solver.step(F, *c, active)
+            return solver.step(F, *c, active, best)
 
         return jax.lax.fori_loop(0, steps, body, (x0, fx, solver.init(F, x0, fx)))
 

@@ -73,9 +73,14 @@ class IFT(AbstractBackward):
     def solve(self, fn, solver, x0, params, throw):
         return _ift(fn, solver, self, throw, x0, params)
 
-    def adjoint(self, fn, x_star, params, g, throw):
-        """Solve the adjoint `u = J_f^T u + g` at `x_star`; returns `(u, loop_output)`."""
-        _, vjp_x = jax.vjp(lambda x: fn(x, params), x_star)
+    def adjoint(self, fn, x_star, params, g, throw, vjp=None):
+        """Solve the adjoint `u = J_f^T u + g` at `x_star`; returns `(u, loop_output)`.
+
+        `vjp`, if given, is `jax.vjp(fn, x_star, params)[1]` (saves linearizing `fn` again).
+        """
+        if vjp is None:
+            _, vjp = jax.vjp(fn, x_star, params)
+        vjp_x = lambda u: vjp(u)[:1]  # the parameter cotangent is dead code inside the loop
         h = lambda u: vjp_x(u)[0] + g
         if isinstance(self.solver, GMRES):
             s = self.solver
@@ -110,9 +115,10 @@ def _ift_fwd(fn, solver, backward, throw, x0, params):
 def _ift_bwd(fn, solver, backward, throw, residuals, cts):
     x_star, params = residuals
     g = cts[0]
-    u, _ = backward.adjoint(fn, x_star, params, g, throw)
-    _, vjp_p = jax.vjp(lambda p: fn(x_star, p), params)
-    (g_params,) = vjp_p(u)
+    # One linearization of f at z* serves the adjoint solve and the parameter gradient.
+    _, vjp = jax.vjp(fn, x_star, params)
+    u, _ = backward.adjoint(fn, x_star, params, g, throw, vjp=vjp)
+    g_params = vjp(u)[1]
     return jnp.zeros_like(x_star), g_params
 
 

@@ -105,7 +105,7 @@ class _BoundFB(_Bound):
     def init(self, F, x, fx):
         return self.p.K(x) + self.p.bias  # the pre-activation at x: one W-product per step
 
-    def step(self, F, x, fx, pre, active):
+    def step(self, F, x, fx, pre, active, best):
         a = self.alpha
         x_new = self.p.prox((1 - a) * x + a * pre)
         pre_new = self.p.K(x_new) + self.p.bias
@@ -116,7 +116,7 @@ class _BoundPR(_Bound):
     def init(self, F, x, fx):
         return x  # u_0 = z_0
 
-    def step(self, F, x, fx, u, active):
+    def step(self, F, x, fx, u, active, best):
         a = self.alpha
         u_half = 2 * x - u
         z_half = self.p.resolve(u_half + a * self.p.bias)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .._api import check_nonneg, check_positive_int, check_range, check_tolerances, frozen
+from .._tree import row_norm
 from ._base import AbstractSolver
 
 
@@ -17,23 +18,13 @@ from ._base import AbstractSolver
 _UNROLLED_SOLVE_MAX = 8
 
 
-def _solve_gram(A: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Solve `A x = b` for a batch of symmetric positive definite `m x m` matrices.
-
-    Args:
-      A: `(B, m, m)` symmetric, positive definite in exact arithmetic (a scaled Gram matrix plus
-        a ridge).
-      b: `(B, m)` right-hand sides.
-
-    Returns:
-      `(x, ok)`: the `(B, m)` solutions and whether each factorization had only positive, finite
-      pivots (False flags a system too ill-conditioned for the working precision; its `x` is
-      then meaningless).
-    """
+def _factor_solve(A: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(x, pivots)` with `A x = b`; see `_solve_gram`."""
     m = A.shape[-1]
     if m > _UNROLLED_SOLVE_MAX:
         x = jnp.linalg.solve(A, b[:, :, None])[:, :, 0]
-        return x, jnp.all(jnp.isfinite(x), axis=1)
+        finite = jnp.all(jnp.isfinite(x), axis=1, keepdims=True)
+        return x, jnp.broadcast_to(jnp.where(finite, 1.0, -1.0), x.shape).astype(x.dtype)
     # LDL^T without pivoting (A is SPD), unrolled over the static size m.
     L = [[None] * m for _ in range(m)]
     d = []
@@ -59,8 +50,47 @@ def _solve_gram(A: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
         for k in range(i + 1, m):
             xi = xi - L[k][i] * x[k]
         x[i] = xi
-    d = jnp.stack(d, axis=1)
-    return jnp.stack(x, axis=1), jnp.all((d > 0) & jnp.isfinite(d), axis=1)
+    return jnp.stack(x, axis=1), jnp.stack(d, axis=1)
+
+
+@jax.custom_jvp
+def _solve_gram(A: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Solve `A x = b` for a batch of symmetric positive definite `m x m` matrices.
+
+    Differentiable everywhere: where a factorization failed, the derivative is taken through
+    the identity matrix instead, so a caller that discards those rows (`jnp.where`) gets zero,
+    not NaN, gradients from them, and a forward-only solve factors each matrix once.
+
+    Args:
+      A: `(B, m, m)` symmetric, positive definite in exact arithmetic (a scaled Gram matrix plus
+        a ridge).
+      b: `(B, m)` right-hand sides.
+
+    Returns:
+      `(x, pivots)`: the `(B, m)` solutions and the `(B, m)` pivots of the factorization; a row
+      whose pivots are not all positive and finite had a system too ill-conditioned for the
+      working precision, and its `x` is meaningless. Pivots carry no derivative.
+    """
+    return _factor_solve(A, b)
+
+
+@_solve_gram.defjvp
+def _solve_gram_jvp(primals, tangents):
+    A, b = primals
+    dA, db = tangents
+    x, pivots = _factor_solve(A, b)
+    ok = _pivots_ok(pivots)
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    A_safe = jnp.where(ok[:, None, None], A, eye)
+    x_safe = jnp.where(ok[:, None], x, 0.0)
+    # d(A^-1 b) = A^-1 (db - dA x); the factorization of A_safe is primal-only work, the
+    # substitutions are linear in the tangent, so reverse mode transposes them.
+    dx, _ = _factor_solve(A_safe, db - jnp.einsum("bij,bj->bi", dA, x_safe))
+    return (x, pivots), (dx, jnp.zeros_like(pivots))
+
+
+def _pivots_ok(pivots: jax.Array) -> jax.Array:
+    return jnp.all((pivots > 0) & jnp.isfinite(pivots), axis=1)
 
 
 @frozen
@@ -148,12 +178,14 @@ class Anderson(AbstractSolver):
         G_hist = jnp.zeros((B, m, n), x.dtype).at[:, 0].set(g)
         gg = jnp.sum(g * g, axis=1)
         gram = jnp.zeros((B, m, m), x.dtype).at[:, 0, 0].set(gg)
-        best = (x, fx, jnp.where(jnp.isfinite(gg), jnp.sqrt(gg), jnp.inf), jnp.zeros((B,), jnp.int32))
-        return (F_hist, G_hist, gram, jnp.ones((B,), jnp.int32), best)
+        # State: histories, Gram matrix, points stored, steps without a 1% improvement, and
+        # whether the next step restarts from the driver's best point.
+        return (F_hist, G_hist, gram, jnp.ones((B,), jnp.int32), jnp.zeros((B,), jnp.int32),
+                jnp.zeros((B,), bool))
 
     def mix(self, state):
         """The weights `alpha` (B, m) and whether they passed the safeguard (B,)."""
-        _, _, gram, count, _ = state
+        gram, count = state[2], state[3]
         m = self.history_size
         valid = jnp.arange(m)[None, :] < jnp.minimum(count, m)[:, None]
         both = valid[:, :, None] & valid[:, None, :]
@@ -162,57 +194,56 @@ class Anderson(AbstractSolver):
         scale = jnp.where(scale > 0, scale, 1.0)
         A = jnp.where(both, gram / scale[:, None, None], 0.0)
         A = A + jax.vmap(jnp.diag)(jnp.where(valid, self.ridge, 1.0).astype(A.dtype))
-        rhs = valid.astype(A.dtype)
-
-        def weights(A):
-            y, pivots_ok = _solve_gram(A, rhs)
-            return y / jnp.sum(y, axis=1, keepdims=True), pivots_ok
-
-        alpha, pivots_ok = jax.lax.stop_gradient(weights(A))
-        ok = (pivots_ok & jnp.all(jnp.isfinite(alpha), axis=1)
-              & (jnp.max(jnp.abs(alpha), axis=1) <= self.max_coefficient))
-        # Solve again on a system made safe where the check failed, so that differentiating
-        # through the weights (backward=deq.Unrolled()) never meets a singular solve.
-        eye = jnp.eye(self.history_size, dtype=A.dtype)
-        alpha, _ = weights(jnp.where(ok[:, None, None], A, jnp.broadcast_to(eye, A.shape)))
+        y, pivots = _solve_gram(A, valid.astype(A.dtype))
+        total = jnp.sum(y, axis=1)
+        ok = _pivots_ok(jax.lax.stop_gradient(pivots)) & jnp.isfinite(total) & (total != 0)
+        # The division is made safe where the check failed, so that differentiating through the
+        # weights (backward=deq.Unrolled()) never meets 0/0 in rows that are discarded anyway.
+        alpha = y / jnp.where(ok, total, 1.0)[:, None]
+        ok = ok & jax.lax.stop_gradient(
+            jnp.all(jnp.isfinite(alpha), axis=1) & (jnp.max(jnp.abs(alpha), axis=1) <= self.max_coefficient))
         return jnp.where(ok[:, None], alpha, 0.0), ok
 
-    def step(self, F, x, fx, state, active):
-        F_hist, G_hist, gram, count, (best_x, best_fx, best_r, stale) = state
+    def step(self, F, x, fx, state, active, best):
+        F_hist, G_hist, gram, count, stale, to_best = state
         beta = self.damping
         alpha, ok = self.mix(state)
+        ok = ok & ~to_best
         x_aa = jnp.einsum("bm,bmn->bn", alpha, F_hist)
         if beta != 1.0:
             x_aa = x_aa - (1.0 - beta) * jnp.einsum("bm,bmn->bn", alpha, G_hist)
-        x_fp = x + beta * (fx - x)
+        # A damped fixed-point step: the safeguard's fallback, and a restart's step from the
+        # lowest-residual point (the driver's, read before it is updated, so XLA need not copy it).
+        x_base = jnp.where(to_best[:, None], best.x, x)
+        fx_base = jnp.where(to_best[:, None], best.fx, fx)
+        x_fp = x_base + beta * (fx_base - x_base)
         x_new = jnp.where((ok & active)[:, None], x_aa, jnp.where(active[:, None], x_fp, x))
         fx_new = F(x_new)
         g_new = fx_new - x_new
-        r_new = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(g_new * g_new, axis=1)))
+        # The driver computes the same norm; XLA merges the two.
+        r_new = jax.lax.stop_gradient(row_norm(g_new))
         r_new = jnp.where(jnp.isfinite(r_new), r_new, jnp.inf)
-        # Track the lowest residual; restart from it on growth or stagnation.
-        improved = r_new < 0.99 * best_r
-        better = r_new < best_r
-        best_x = jnp.where(better[:, None], x_new, best_x)
-        best_fx = jnp.where(better[:, None], fx_new, best_fx)
-        best_r = jnp.where(better, r_new, best_r)
-        stale = jnp.where(improved, 0, stale + 1)
-        back = r_new > self.growth_limit * best_r
+        # On growth or stagnation the next step restarts from the lowest-residual point.
+        stale = jnp.where(r_new < 0.99 * best.res, 0, stale + 1)
+        back = r_new > self.growth_limit * best.res
         if self.patience > 0:
             back = back | (stale >= self.patience)
         stale = jnp.where(back, 0, stale)
-        x_ins = jnp.where(back[:, None], best_x, x_new)
-        fx_ins = jnp.where(back[:, None], best_fx, fx_new)
-        g_ins = fx_ins - x_ins
-        # Insert the new point; a failed safeguard restarts the history from it.
-        restart = ~ok | back
+        # Insert the new point; a failed safeguard or a restart starts the history from it.
+        restart = ~ok
         pos = jnp.where(restart, 0, count % self.history_size)
-        rows = jnp.arange(x.shape[0])
-        F_hist = F_hist.at[rows, pos].set(fx_ins)
-        G_hist = G_hist.at[rows, pos].set(g_ins)
-        dots = jnp.einsum("bmn,bn->bm", G_hist, g_ins)
         hot = jnp.arange(self.history_size)[None, :] == pos[:, None]
+        # The new Gram row from the old history (the replaced slot gets its own norm). The stored
+        # residual gets a term that is exactly zero but depends on that product: it orders the
+        # history write after the read, so XLA updates the history in place instead of copying
+        # it every step (measured on the CPU: two (B, m, n) copies per step without it).
+        dots = jnp.einsum("bmn,bn->bm", G_hist, g_new)
+        dots = jnp.where(hot, jnp.sum(g_new * g_new, axis=1, keepdims=True), dots)
+        order = jnp.minimum(jnp.abs(jax.lax.stop_gradient(dots[:, :1])), 0.0)
+        rows = jnp.arange(x.shape[0])
+        F_hist = F_hist.at[rows, pos].set(fx_new)
+        G_hist = G_hist.at[rows, pos].set(g_new + order)
         gram = jnp.where(hot[:, :, None], dots[:, None, :], gram)
         gram = jnp.where(hot[:, None, :], dots[:, :, None], gram)
         count = jnp.where(restart, 1, count + 1)
-        return x_new, fx_new, (F_hist, G_hist, gram, count, (best_x, best_fx, best_r, stale))
+        return x_new, fx_new, (F_hist, G_hist, gram, count, stale, back)

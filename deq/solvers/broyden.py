@@ -110,7 +110,7 @@ class Broyden(AbstractSolver):
         _, x_new, fx_new, _, _ = c
         return x_new, fx_new
 
-    def step(self, F, x, fx, state, active):
+    def step(self, F, x, fx, state, active, best):
         U, V, count = state
         g = fx - x
         p = -self._apply_H(U, V, g)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .._api import check_positive_int, check_range, check_tolerances, frozen
 from .._tree import row_norm, where_rows
-from ._base import AbstractSolver
+from ._base import AbstractSolver, Best
 from .anderson import Anderson
 from .broyden import Broyden
 from .fixed_point_iteration import FixedPointIteration
@@ -149,16 +149,18 @@ class Fallback(AbstractSolver):
             stall=jnp.zeros((B,), jnp.int32),
         )
 
-    def step(self, F, x, fx, state: FallbackState, active):
+    def step(self, F, x, fx, state: FallbackState, active, best):
         last = len(self.solvers) - 1
         x_new, fx_new = x, fx
         states = list(state.states)
+        # The stages restart from this solver's own best point, so they see it as theirs.
+        best = Best(state.best_x, state.best_fx, state.best_res)
         for i, solver in enumerate(self.solvers):
             on = active & (state.stage == i)
 
             def run(ops, solver=solver, on=on):
                 xi, fxi, si = ops
-                return solver.step(F, xi, fxi, si, on)
+                return solver.step(F, xi, fxi, si, on, best)
 
             xi, fxi, si = jax.lax.cond(jnp.any(on), run, lambda ops: ops, (x, fx, states[i]))
             x_new = where_rows(on, xi, x_new)

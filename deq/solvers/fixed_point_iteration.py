@@ -43,7 +43,7 @@ class FixedPointIteration(AbstractSolver):
     def init(self, F, x, fx):
         return ()
 
-    def step(self, F, x, fx, state, active):
+    def step(self, F, x, fx, state, active, best):
         x_new = x + self.damping * (fx - x)
         x_new = jnp.where(active[:, None], x_new, x)
         return x_new, F(x_new), state
