@@ -14,9 +14,9 @@ max_steps=30)``); only ``backward`` differs:
 * ``PhantomGrad``: ``PhantomGrad(steps=5, damping=0.5)``;
 * ``JFB``: ``JFB()`` (one differentiated cell step at ``z*``);
 * ``Unrolled``: ``Unrolled()``: backprop through the 30 (masked) Anderson steps;
-* ``IFT-nowarn`` (quick/full only): the same IFT with ``warn=False``: no
-  ``jax.debug.callback`` checking the adjoint's convergence at every backward pass, to show
-  what that check costs per step;
+* ``IFT-nowarn`` (quick/full only): the same IFT with ``warn=False``: no host callback
+  (``jax.pure_callback`` behind a ``lax.cond``) checking the adjoint's convergence at every
+  backward pass, to show what that check costs per step;
 * ``Unrolled-FPI`` (quick/full only): ``Unrolled()`` with the forward solver replaced by
   ``FixedPointIteration`` with the same tolerances and ``max_steps=30``: classic unrolled
   backprop through plain iterations, to separate "unrolling" from "differentiating Anderson".

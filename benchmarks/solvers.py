@@ -947,7 +947,8 @@ def anderson_breakdown(params, z0_shape, K: int, repeats: int) -> dict[str, Any]
     except Exception as e:  # internal API; report instead of failing the benchmark
         out["ift_adjoint"] = {"error": repr(e)}
 
-    # deq.IFT(warn=True) (the default) reports non-convergence through jax.debug.callback.
+    # deq.IFT(warn=True) (the default) reports non-convergence through a host callback
+    # (jax.pure_callback in a lax.cond; effect-free, so JAX keeps its C++ dispatch fast path).
     fbs = {}
     for warn in (True, False):
         def loss(W, U, b, x, warn=warn):

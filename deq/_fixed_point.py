@@ -91,7 +91,7 @@ def _impl(f, z0, args, solver, backward, batch_axis, throw):
     x0 = packer.pack(z0)
     x_star, out = backward.solve(fn, solver, x0, (args, consts), throw)
     if throw:
-        report("the forward solve", out, throw=True, warn=False)
+        x_star = report("the forward solve", out, x_star, throw=True, warn=False)
     squeeze = (lambda a: a[0]) if batch_axis is None else (lambda a: a)
     stats = Stats(
         num_steps=squeeze(out.num_steps),

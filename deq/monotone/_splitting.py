@@ -270,8 +270,7 @@ def _solve_bwd(method, backward, throw, res, cts):
     D = (op.matvec(z) + c > 0).astype(g.dtype).reshape(B, -1)
     problem, alpha = _problem(op, backward, c.shape[1:], g, lambda v: D * v, transpose=True)
     out = _loop.run(backward.bind(problem, alpha), problem.F, jnp.zeros_like(problem.bias))
-    report("the monDEQ backward (adjoint) splitting solve", out, throw=throw, warn=True)
-    w = out.x.reshape(c.shape)
+    w = report("the monDEQ backward (adjoint) splitting solve", out, out.x, throw=throw, warn=True).reshape(c.shape)
     _, vjp_op = jax.vjp(lambda o: o.matvec(z), op)
     (op_bar,) = vjp_op(w)
     return op_bar, w, jnp.zeros_like(z)
@@ -338,7 +337,7 @@ def _impl(op, x, z0, method, backward, batch_axis, throw):
         )
     z, out = _solve(method, backward, throw, op, c, jnp.asarray(z0, c.dtype))
     if throw:
-        report("the monDEQ forward splitting solve", out, throw=True, warn=False)
+        z = report("the monDEQ forward splitting solve", out, z, throw=True, warn=False)
     sq = (lambda a: a[0]) if batch_axis is None else (lambda a: a)
     stats = Stats(
         num_steps=sq(out.num_steps),
