@@ -16,6 +16,7 @@ from .backward import PhantomGrad as PhantomGrad
 from .backward import Unrolled as Unrolled
 from .solvers import GMRES as GMRES
 from .solvers import AbstractSolver as AbstractSolver
+from .solvers import Best as Best
 from .solvers import Anderson as Anderson
 from .solvers import Broyden as Broyden
 from .solvers import FixedPointIteration as FixedPointIteration

@@ -24,13 +24,33 @@ class Best(NamedTuple):
 class AbstractSolver:
     """A fixed-point solver: a frozen configuration with `init` and `step` over a state.
 
-    Solvers act on packed `(B, n)` arrays (one row per independent problem) and must keep every
-    leaf of their state with leading axis `B`, so the driver (`deq._loop.run`) can freeze rows
-    that have stopped. The driver owns the stopping test, step counting and best-iterate
-    tracking; a solver only proposes the next iterate.
+    Solvers act on packed `(B, n)` arrays (one row per independent problem) and keep every leaf
+    of their state with leading axis `B`, one row per problem. The driver (`deq._loop.run`) owns
+    the stopping test, step counting, freezing rows that have stopped and best-iterate tracking;
+    a solver only proposes the next iterate.
 
     Every solver has `rtol`, `atol` (stopping test `||f(z) - z|| <= atol + rtol * ||f(z)||`) and
     `max_steps`.
+
+    Example: a custom solver (here damped iteration that restarts from the best point whenever
+    the residual doubles) is a frozen dataclass with `init` and `step`:
+
+      >>> import dataclasses, jax.numpy as jnp, deq
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Careful(deq.AbstractSolver):
+      ...     rtol: float = 1e-5
+      ...     atol: float = 1e-6
+      ...     max_steps: int = 200
+      ...     def init(self, F, x, fx):
+      ...         return ()
+      ...     def step(self, F, x, fx, state, active, best):
+      ...         worse = jnp.linalg.norm(fx - x, axis=1) > 2 * best.res
+      ...         x, fx = jnp.where(worse[:, None], best.x, x), jnp.where(worse[:, None], best.fx, fx)
+      ...         x_new = jnp.where(active[:, None], x + 0.5 * (fx - x), x)
+      ...         return x_new, F(x_new), state
+      >>> sol = deq.fixed_point(lambda z, a: jnp.cos(z) + a, jnp.zeros(2), jnp.zeros(2), solver=Careful())
+      >>> bool(sol.stats.converged), round(float(sol.value[0]), 4)
+      (True, 0.7391)
     """
 
     rtol: float

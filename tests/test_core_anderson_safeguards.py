@@ -1,6 +1,6 @@
 """Anderson's safeguards, step by step: restart from the driver's best point on growth and on
 stagnation, the damped fallback when the mixing weights fail their check, and derivatives
-through all of them (`deq.Unrolled`)."""
+through all of them (`deq.Unrolled`). float64 (conftest: every `test_core_*` module)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,6 @@ import pytest
 
 import deq
 from deq.solvers._base import Best
-
-jax.config.update("jax_enable_x64", True)
 
 ACTIVE = jnp.ones((1,), bool)
 
