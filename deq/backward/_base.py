@@ -110,22 +110,22 @@ def report(what: str, out: LoopOutput, value: jax.Array, *, throw: bool, warn: b
         )
         return value
 
-    dtype = jnp.result_type(value)
-
     def warn_if_failed(steps, residual, converged):
         # Under vmap both branches of the cond run; the check keeps converged calls silent.
         if not np.all(converged):
             _warn(what, _message(what, steps, residual, converged))
         # Under vmap ("broadcast_all") the inputs carry leading batch axes, and so must the result.
-        return np.zeros(np.shape(converged)[:-1], dtype)
+        # int32: the callback runs on a runtime thread, where a thread-local `jax.enable_x64`
+        # does not apply, so a float64 result would come back canonicalized to float32.
+        return np.zeros(np.shape(converged)[:-1], np.int32)
 
     zero = jax.lax.cond(
         jnp.all(converged),
-        lambda: jnp.zeros((), dtype),
-        lambda: jax.pure_callback(warn_if_failed, jax.ShapeDtypeStruct((), dtype), steps, residual, converged,
+        lambda: jnp.zeros((), jnp.int32),
+        lambda: jax.pure_callback(warn_if_failed, jax.ShapeDtypeStruct((), jnp.int32), steps, residual, converged,
                                   vmap_method="broadcast_all"),
     )
-    return value + jax.lax.stop_gradient(zero)
+    return value + jax.lax.stop_gradient(zero).astype(jnp.result_type(value))
 
 
 def stop(tree):
