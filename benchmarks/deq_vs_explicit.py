@@ -4,12 +4,23 @@ Run ``python -m benchmarks.deq_vs_explicit --profile smoke|quick|full`` (``--out
 ``--seed``, ``--no-plot``; ``--mnist PATH`` / ``--cifar PATH`` add MNIST / CIFAR-10 read from
 a local ``.npz``, see ``deq.data.load_mnist``; nothing is downloaded).
 
+A profile can be run in pieces: ``--datasets digits,mnist1d`` and ``--seeds 0,1,2`` choose what
+to run (default: the profile's), and ``--merge`` adds the runs to the existing
+``deq_vs_explicit.json`` in ``--out``, replacing only the runs of those datasets and seeds and
+recomputing the summary, targets and figures from all runs. Settings are recorded per dataset
+(``settings.datasets``, with the seeds and the DEQs' solvers), and ``provenance`` says which
+commit, machine and time produced each dataset's seeds. A merge is refused when a dataset would
+pool seeds run under different settings. For example, the full profile one dataset at a time::
+
+    python -m benchmarks.deq_vs_explicit --profile full --datasets digits
+    python -m benchmarks.deq_vs_explicit --profile full --datasets mnist1d --merge
+
 Models (``deq.nn.models``; all share the encoder ``Linear(in, hidden)``, the cell type
 ``DenseCell`` and the head ``Linear(hidden, 10)``):
 
-* ``deq``: ``DEQClassifier`` -- fixed point ``z* = f(z*, u)`` by Anderson
-  (``default_solver()``: ``rtol=1e-3, atol=1e-5, max_steps=30``), implicit (IFT) backward
-  (``default_backward()``: Anderson adjoint, ``rtol=1e-3, atol=1e-6, max_steps=30``);
+* ``deq``: ``DEQClassifier`` -- fixed point ``z* = f(z*, u)`` by Anderson (``SOLVER``:
+  ``rtol=1e-3, atol=1e-5, max_steps=30``), implicit (IFT) backward with an Anderson adjoint
+  (``ADJOINT``: ``rtol=1e-3, atol=1e-6, max_steps=30``);
 * ``deq_jr``: the same DEQ trained with Jacobian regularization (Bai, Koltun & Kolter 2021):
   loss ``CE + gamma * ||df/dz(z*)||_F^2 / hidden``, one Hutchinson probe per sample
   (``deq.regularize.jacobian_penalty``), ``gamma = jac_reg`` below;
@@ -20,8 +31,8 @@ Models (``deq.nn.models``; all share the encoder ``Linear(in, hidden)``, the cel
 * ``resnet_wide`` (full profile only): ``ResNetClassifier`` at the DEQ's width (about
   ``depth`` times the cell parameters).
 
-Training: ``deq.train.fit`` (Adam, warm-up-free cosine decay, clip 1.0), the same config for
-every model, evaluated on the test split after every epoch. Recorded per run: test accuracy
+Training: ``deq.train.fit`` (Adam -- AdamW if ``weight_decay`` > 0, off by default --, warm-up-free
+cosine decay, clip 1.0), the same config for every model, evaluated on the test split after every epoch. Recorded per run: test accuracy
 and loss per epoch; the training wall time at each epoch (the sum of the per-step times that
 ``fit`` measures after ``block_until_ready``, first step replaced by the median step so that
 compilation is reported apart as ``compile_s``; evaluation is not counted); forward solver
@@ -63,8 +74,10 @@ work), which other processes inflate much less: ``train_cpu_s``, ``step_cpu_medi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import json
 import os
 import time
 import warnings
@@ -106,6 +119,13 @@ TARGET_ACCURACY = {"digits": 0.90, "mnist1d": 0.50, "mnist": 0.95, "cifar10": 0.
 #: Accuracy tolerance of the "matches" targets (1 point).
 MATCH_TOL = 0.01
 
+#: The DEQs' forward solver (``deq.Anderson`` arguments), every dataset and profile: the
+#: models' ``default_solver()``.
+SOLVER = dict(rtol=1e-3, atol=1e-5, max_steps=30)
+#: The Anderson solver of the DEQs' IFT backward (adjoint), every dataset and profile: the
+#: models' ``default_backward()``.
+ADJOINT = dict(rtol=1e-3, atol=1e-6, max_steps=30)
+
 
 # --------------------------------------------------------------------------------------------
 # Settings
@@ -121,10 +141,12 @@ def dataset_settings(profile: str, name: str) -> dict[str, Any]:
 
     Returns:
       Dict with ``hidden``, ``depth``, ``epochs``, ``batch_size``, ``learning_rate``,
-      ``jac_reg``, ``num_train`` / ``num_test`` (None = the whole split) and
-      ``target_accuracy``.
+      ``weight_decay`` (every model), ``jac_reg``, ``solver`` / ``adjoint`` (the DEQs'
+      ``deq.Anderson`` arguments, forward and IFT backward), ``num_train`` / ``num_test``
+      (None = the whole split) and ``target_accuracy``.
     """
-    base = dict(batch_size=64, learning_rate=3e-3, jac_reg=2.0, num_train=None, num_test=None,
+    base = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.0, jac_reg=2.0,
+                solver=dict(SOLVER), adjoint=dict(ADJOINT), num_train=None, num_test=None,
                 target_accuracy=TARGET_ACCURACY[name])
     if profile == "smoke":
         return {**base, "hidden": 16, "depth": 2, "epochs": 1, "num_train": 256, "num_test": 128}
@@ -223,6 +245,18 @@ def jacobian_aux_loss(model, x, key):
     return jacobian_penalty(model.deq.cell, z, u, key) / model.hidden
 
 
+def deq_solvers(st: dict[str, Any]) -> tuple[deq.Anderson, deq.IFT]:
+    """The DEQs' forward solver and IFT backward from ``st["solver"]`` / ``st["adjoint"]``."""
+    return deq.Anderson(**st["solver"]), deq.IFT(solver=deq.Anderson(**st["adjoint"]))
+
+
+def model_settings(st: dict[str, Any]) -> dict[str, Any]:
+    """The DEQs' solver and backward in full (every field) and the optimizer, for the JSON."""
+    solver, backward = deq_solvers(st)
+    return {"forward_solver": repr(solver), "backward": repr(backward),
+            "optimizer": "AdamW" if st["weight_decay"] > 0 else "Adam"}
+
+
 def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
     """Build one of the benchmark's models for dataset ``ds`` with settings ``st``.
 
@@ -237,10 +271,10 @@ def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
     """
     n_in, h, k, n_cls = in_features(ds), st["hidden"], st["depth"], ds.num_classes
     rngs = nnx.Rngs(seed)
-    if kind == "deq":
-        return DEQClassifier(n_in, h, n_cls, rngs=rngs)
-    if kind == "deq_jr":
-        return JacRegDEQClassifier(n_in, h, n_cls, rngs=rngs)
+    if kind in DEQ_MODELS:
+        solver, backward = deq_solvers(st)
+        cls = DEQClassifier if kind == "deq" else JacRegDEQClassifier
+        return cls(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward)
     if kind == "unrolled":
         return UnrolledClassifier(n_in, h, n_cls, depth=k, rngs=rngs)
     if kind == "resnet":
@@ -255,7 +289,8 @@ def train_config(st: dict[str, Any], ds, seed: int, kind: str) -> TrainConfig:
     """The `TrainConfig` of one run (evaluation after every epoch)."""
     per_epoch = len(ds.x_train) // st["batch_size"]
     return TrainConfig(
-        learning_rate=st["learning_rate"], epochs=st["epochs"], batch_size=st["batch_size"],
+        learning_rate=st["learning_rate"], weight_decay=st["weight_decay"], epochs=st["epochs"],
+        batch_size=st["batch_size"],
         eval_batch_size=min(len(ds.x_test), 1024), eval_every=per_epoch, seed=seed,
         jacobian_reg=st["jac_reg"] if kind == "deq_jr" else 0.0, progress=False,
     )
@@ -570,13 +605,163 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
 # --------------------------------------------------------------------------------------------
 
 
+DATASETS = tuple(TARGET_ACCURACY)
+
+
+def _name_list(text: str) -> list[str]:
+    """``--datasets`` value: comma-separated dataset names, each known, none repeated."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in DATASETS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names from {', '.join(DATASETS)} separated by commas, got {text!r}")
+    return names
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds`` value: comma-separated non-negative integers, none repeated."""
+    try:
+        seeds = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers separated by "
+                                         f"commas, e.g. 0,1,2, got {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     parser = C.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--mnist", type=Path, default=None, metavar="PATH",
                         help="also run on MNIST from this local .npz (see deq.data.load_mnist)")
     parser.add_argument("--cifar", type=Path, default=None, metavar="PATH",
                         help="also run on CIFAR-10 from this local .npz (see deq.data.load_cifar10)")
-    return parser.parse_args(argv)
+    parser.add_argument("--datasets", type=_name_list, default=argparse.SUPPRESS, metavar="LIST",
+                        help="comma-separated datasets to run, from " + ",".join(DATASETS) + "; "
+                             "default: the profile's (smoke and quick: digits; full: digits,mnist1d), "
+                             "plus mnist / cifar10 when --mnist / --cifar is given (which they need)")
+    parser.add_argument("--seeds", type=_seed_list, default=argparse.SUPPRESS, metavar="LIST",
+                        help="comma-separated seeds, e.g. 0,1,2; default: the profile's count "
+                             "(smoke 1, quick 2, full 3) of consecutive seeds from --seed")
+    parser.add_argument("--merge", action="store_true",
+                        help=f"merge into the existing {NAME}.json in --out: replace only the runs of "
+                             "the datasets and seeds run now, keep the others, and recompute the "
+                             "summary table, targets and figures from the merged runs (refused if the "
+                             "profile, models or a kept dataset's settings differ)")
+    args = parser.parse_args(argv)
+    if "datasets" not in args:
+        args.datasets = C.pick(args.profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
+        args.datasets += [n for n, path in (("mnist", args.mnist), ("cifar10", args.cifar)) if path is not None]
+    for name, flag, path in (("mnist", "--mnist", args.mnist), ("cifar10", "--cifar", args.cifar)):
+        if name in args.datasets and path is None:
+            parser.error(f"--datasets names {name}, which needs {flag} PATH (a local .npz)")
+    if "seeds" not in args:
+        args.seeds = [args.seed + i for i in range(C.pick(args.profile, smoke=1, quick=2, full=3))]
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Merging into an earlier result file
+# --------------------------------------------------------------------------------------------
+
+#: Keys of a dataset's settings that may differ between merged runs.
+_PER_RUN_KEYS = ("seeds",)
+
+
+def _comparable(st: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's settings as JSON would store them, without the keys allowed to differ."""
+    return {k: v for k, v in C.to_jsonable(st).items() if k not in _PER_RUN_KEYS}
+
+
+def load_previous(out: Path, profile: str, kinds: list[str], new_settings: dict[str, Any],
+                  seeds: list[int]) -> dict[str, Any]:
+    """The earlier result file that ``--merge`` adds to, checked before any training.
+
+    Args:
+      out: the ``--out`` directory.
+      profile: this run's profile.
+      kinds: this run's models.
+      new_settings: this run's ``settings["datasets"]`` (dataset -> settings).
+      seeds: this run's seeds.
+
+    Returns:
+      The earlier payload. Datasets of files written before settings were recorded per dataset
+      get the file's global ``forward_solver`` / ``backward`` copied into their settings.
+
+    Raises:
+      SystemExit: one line, if there is no readable file, or its profile or models differ, or a
+        dataset that keeps earlier seeds was run with other settings (its runs could not be
+        pooled).
+    """
+    path = C.result_path(out, NAME)
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --merge: cannot read {path}: {e}") from None
+    if previous.get("profile") != profile:
+        raise SystemExit(f"error: --merge: {path} holds profile {previous.get('profile')!r}, this run is "
+                         f"{profile!r}; run with --profile {previous.get('profile')} or without --merge")
+    old_kinds = list(previous["settings"]["models"])
+    if old_kinds != kinds:
+        raise SystemExit(f"error: --merge: {path} holds models {old_kinds}, this run trains {kinds}")
+    old_settings = previous["settings"]["datasets"]
+    for dname, st in old_settings.items():
+        for key in ("forward_solver", "backward"):
+            if key not in st and key in previous["settings"]:
+                st[key] = previous["settings"][key]
+        st.setdefault("seeds", previous["settings"]["seeds"])
+    for dname, st in new_settings.items():
+        kept = [s for s in old_settings.get(dname, {}).get("seeds", []) if s not in seeds]
+        if kept and _comparable(old_settings[dname]) != _comparable(st):
+            old, new = _comparable(old_settings[dname]), _comparable(st)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise SystemExit(
+                f"error: --merge: {dname} in {path} was run with other settings ({', '.join(diff)} "
+                f"differ) and keeps seeds {kept} that this run does not replace; rerun all of "
+                f"them (--seeds {','.join(map(str, sorted(set(kept) | set(seeds))))}) or drop --merge")
+    return previous
+
+
+def _previous_provenance(previous: dict[str, Any], dname: str) -> list[dict[str, Any]]:
+    """Where an earlier file's runs of ``dname`` came from (built from its environment if absent)."""
+    if "provenance" in previous and dname in previous["provenance"]:
+        return previous["provenance"][dname]
+    env = previous.get("environment", {})
+    return [{"seeds": previous["settings"]["datasets"][dname]["seeds"], "git": env.get("git"),
+             "timestamp_utc": env.get("timestamp_utc"), "hostname": env.get("hostname"),
+             "run_time_s": None, "load_average": previous["settings"].get("load_average")}]
+
+
+def merge_runs(previous: dict[str, Any], runs: dict[str, dict[str, list]], settings: dict[str, Any],
+               provenance: dict[str, list]) -> None:
+    """Add the earlier file's runs that this run did not replace (in place).
+
+    ``runs`` (dataset -> model -> records), ``settings`` and ``provenance`` hold this run's
+    datasets on entry; on return they also hold every earlier dataset, and the earlier seeds of
+    the datasets run again that this run did not repeat, runs sorted by seed.
+    """
+    for dname, old_st in previous["settings"]["datasets"].items():
+        old_runs = {k: agg["runs"] for k, agg in previous["results"][dname].items()}
+        if dname not in runs:
+            runs[dname] = old_runs
+            settings["datasets"][dname] = old_st
+            settings["params_resnet_equal_width"][dname] = previous["settings"]["params_resnet_equal_width"][dname]
+            provenance[dname] = _previous_provenance(previous, dname)
+            continue
+        new_seeds = set(settings["datasets"][dname]["seeds"])
+        for kind, recs in runs[dname].items():
+            recs[:] = sorted([r for r in old_runs[kind] if r["seed"] not in new_seeds] + recs,
+                             key=lambda r: r["seed"])
+        settings["datasets"][dname]["seeds"] = [r["seed"] for r in runs[dname]["deq"]]
+        for entry in _previous_provenance(previous, dname):
+            kept = [s for s in entry["seeds"] if s not in new_seeds]
+            if kept:
+                provenance[dname].insert(0, {**entry, "seeds": kept})
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -584,14 +769,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
-    profile = args.profile
-    datasets = C.pick(profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
-    if args.mnist is not None:
-        datasets.append("mnist")
-    if args.cifar is not None:
-        datasets.append("cifar10")
-    nseeds = C.pick(profile, smoke=1, quick=2, full=3)
-    seeds = [args.seed + i for i in range(nseeds)]
+    profile, datasets, seeds = args.profile, args.datasets, args.seeds
     kinds = ["deq", "deq_jr", "unrolled", "resnet"] + (["resnet_wide"] if profile == "full" else [])
 
     # Load everything first so that a missing --mnist/--cifar file fails before any training.
@@ -603,33 +781,49 @@ def main(argv=None) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "profile": profile, "seeds": seeds, "models": {k: LABELS[k] for k in kinds},
         "datasets": {}, "params_resnet_equal_width": {},
-        "forward_solver": repr(deq.nn.models.default_solver()),
-        "backward": repr(deq.nn.models.default_backward()),
         "match_tolerance": MATCH_TOL,
         "timing": "training wall time = sum of fit's per-step times (block_until_ready), first "
                   "(compiling) step replaced by the median step; evaluation excluded",
     }
-    results: dict[str, dict[str, Any]] = {}
     for dname, (ds, st) in loaded.items():
         settings["datasets"][dname] = {
             **st, "num_train": len(ds.x_train), "num_test": len(ds.x_test),
             "in_features": in_features(ds), "steps_per_epoch": len(ds.x_train) // st["batch_size"],
+            **model_settings(st), "seeds": seeds,
         }
+        settings["params_resnet_equal_width"][dname] = count_params(
+            nnx.eval_shape(lambda: build_model("resnet_wide", ds, st, 0)))
+    previous = load_previous(args.out, profile, kinds, settings["datasets"], seeds) if args.merge else None
+
+    runs: dict[str, dict[str, list]] = {}
+    provenance: dict[str, list] = {}
+    git = C.git_info()
+    for dname, (ds, st) in loaded.items():
+        t0, load0 = time.perf_counter(), os.getloadavg()
         models0 = {LABELS[k]: nnx.eval_shape(lambda k=k: build_model(k, ds, st, 0)) for k in kinds}
         if "resnet_wide" not in kinds:
             models0[LABELS["resnet_wide"] + " [not trained]"] = nnx.eval_shape(
                 lambda: build_model("resnet_wide", ds, st, 0))
-        settings["params_resnet_equal_width"][dname] = count_params(
-            nnx.eval_shape(lambda: build_model("resnet_wide", ds, st, 0)))
         print(f"\n== {dname}: {len(ds.x_train)} train / {len(ds.x_test)} test, {in_features(ds)} features; "
               f"hidden {st['hidden']}, depth {st['depth']}, {st['epochs']} epoch(s), seeds {seeds}")
         print(param_table(models0, reference=LABELS["deq"]), flush=True)
-        runs: dict[str, list] = {k: [] for k in kinds}
+        runs[dname] = {k: [] for k in kinds}
         jobs = [(k, s) for s in seeds for k in kinds]
         for kind, seed in C.progress(jobs, desc=f"{dname} runs"):
             rec, _ = run_one(kind, ds, st, seed, probe_backward=profile != "smoke")
-            runs[kind].append(rec)
-        results[dname] = {k: summarize(k, runs[k], st) for k in kinds}
+            runs[dname][kind].append(rec)
+        provenance[dname] = [{
+            "seeds": seeds, "git": git, "timestamp_utc": C.environment()["timestamp_utc"],
+            "hostname": C.environment()["hostname"], "run_time_s": time.perf_counter() - t0,
+            "load_average": {"before": load0, "after": os.getloadavg()},
+        }]
+    if previous is not None:
+        merge_runs(previous, runs, settings, provenance)
+    order = [d for d in DATASETS if d in runs]
+    settings["datasets"] = {d: settings["datasets"][d] for d in order}
+    settings["seeds"] = sorted({s for st in settings["datasets"].values() for s in st["seeds"]})
+    results = {d: {k: summarize(k, runs[d][k], settings["datasets"][d]) for k in kinds} for d in order}
+    nseeds = {d: len(settings["datasets"][d]["seeds"]) for d in order}
 
     rows = []
     for dname, res in results.items():
@@ -651,13 +845,15 @@ def main(argv=None) -> dict[str, Any]:
                 "bwd": agg["backward_steps"]["mean"],
             })
     print()
+    seeds_text = (f"{nseeds[order[0]]} seed(s)" if len(set(nseeds.values())) == 1
+                  else "seeds " + ", ".join(f"{d} {n}" for d, n in nseeds.items()))
     table = C.print_table(rows, [
         "dataset", "model", "params", ("acc", "test acc (mean ± sd, pts)"), ("range", "min-max"),
         ("loss", "test loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
         ("step_ms", "step ms (median)"), ("step_cpu_ms", "step CPU ms"),
         ("compile", "compile s"), ("fwd", "fwd steps"), ("bwd", "bwd steps"),
-    ], title=f"Final test accuracy over {nseeds} seed(s); target accuracy "
-             + ", ".join(f"{d} {loaded[d][1]['target_accuracy']:.0%}" for d in results))
+    ], title=f"Final test accuracy over {seeds_text}; target accuracy "
+             + ", ".join(f"{d} {settings['datasets'][d]['target_accuracy']:.0%}" for d in results))
 
     targets = evaluate_targets(results, settings)
     print()
@@ -668,8 +864,8 @@ def main(argv=None) -> dict[str, Any]:
     if not args.no_plot:
         plt = C.pyplot()
         for dname, res in results.items():
-            path = C.save_figure(plot_dataset(plt, dname, res, loaded[dname][1], nseeds), args.out, f"{NAME}_{dname}")
-            figures[f"accuracy_{dname}"] = str(path)
+            fig = plot_dataset(plt, dname, res, settings["datasets"][dname], nseeds[dname])
+            figures[f"accuracy_{dname}"] = str(C.save_figure(fig, args.out, f"{NAME}_{dname}"))
         path = C.save_figure(plot_solver_steps(plt, results), args.out, f"{NAME}_solver_steps")
         figures["solver_steps"] = str(path)
 
@@ -677,6 +873,7 @@ def main(argv=None) -> dict[str, Any]:
     payload = {
         "benchmark": NAME, "profile": profile, "settings": settings, "results": results,
         "summary_table": table, "targets": targets, "figures": figures,
+        "provenance": provenance,
         "run_time_s": time.perf_counter() - started,
         "cpu_time_s": time.process_time() - cpu_started,
     }

@@ -102,7 +102,7 @@ def test_deq_vs_explicit_smoke(smoke):
         assert "time_to_target_s" in run and "compile_s" in run
         if kind in ("deq", "deq_jr"):
             assert len(run["train_forward_steps_epoch"]) == st["epochs"]
-            assert 1 <= run["forward_steps_final"] <= 30
+            assert 1 <= run["forward_steps_final"] <= st["solver"]["max_steps"]
             assert "backward_steps" in run
         else:
             assert agg["forward_steps"]["mean"] == st["depth"] == agg["depth"]
@@ -174,3 +174,39 @@ def test_missing_dataset_file_is_a_one_line_error(tmp_path):
         deq_vs_explicit.main(["--profile", "smoke", "--out", str(tmp_path), "--cifar", str(bad)])
     assert str(e.value).startswith("error: --cifar") and "\n" not in str(e.value)
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_deq_vs_explicit_merge_keeps_other_runs_and_refuses_mixed_settings(tmp_path):
+    from benchmarks import deq_vs_explicit as dve
+
+    kinds = ["deq", "unrolled"]
+    st = {"depth": 2, "solver": {"max_steps": 30}}
+
+    def runs(seeds, acc):
+        return {k: {"runs": [{"seed": s, "final_accuracy": acc} for s in seeds]} for k in kinds}
+
+    previous = {
+        "profile": "smoke", "environment": {"git": {"commit": "old"}},
+        "settings": {"models": {k: k for k in kinds}, "seeds": [0, 1], "forward_solver": "old solver",
+                     "datasets": {"digits": dict(st), "mnist1d": dict(st)},
+                     "params_resnet_equal_width": {"digits": 1, "mnist1d": 2}},
+        "results": {"digits": runs([0, 1], 0.5), "mnist1d": runs([0, 1], 0.5)},
+    }
+    (tmp_path / "deq_vs_explicit.json").write_text(json.dumps(previous))
+    new_st = {"digits": {**st, "forward_solver": "old solver", "seeds": [1, 2]}}
+    prev = dve.load_previous(tmp_path, "smoke", kinds, new_st, [1, 2])
+    new_runs = {"digits": {k: v["runs"] for k, v in runs([1, 2], 0.9).items()}}
+    settings = {"datasets": new_st, "params_resnet_equal_width": {"digits": 1}}
+    provenance = {"digits": [{"seeds": [1, 2], "git": "new"}]}
+    dve.merge_runs(prev, new_runs, settings, provenance)
+    assert [(r["seed"], r["final_accuracy"]) for r in new_runs["digits"]["deq"]] == [(0, 0.5), (1, 0.9), (2, 0.9)]
+    assert [r["seed"] for r in new_runs["mnist1d"]["unrolled"]] == [0, 1]  # not run: kept whole
+    assert settings["datasets"]["digits"]["seeds"] == [0, 1, 2]
+    assert settings["datasets"]["mnist1d"]["forward_solver"] == "old solver"
+    assert [p["seeds"] for p in provenance["digits"]] == [[0], [1, 2]]
+    # Seed 0 kept under other settings would pool runs of two configurations: refused.
+    other = {"digits": {**st, "solver": {"max_steps": 100}, "seeds": [1]}}
+    with pytest.raises(SystemExit, match="solver"):
+        dve.load_previous(tmp_path, "smoke", kinds, other, [1])
+    with pytest.raises(SystemExit, match="profile"):
+        dve.load_previous(tmp_path, "full", kinds, new_st, [1, 2])
