@@ -9,7 +9,7 @@ to run (default: the profile's), and ``--merge`` adds the runs to the existing
 ``deq_vs_explicit.json`` in ``--out``, replacing only the runs of those datasets and seeds and
 recomputing the summary, targets and figures from all runs. Settings are recorded per dataset
 (``settings.datasets``, with the seeds and the DEQs' solvers), and ``provenance`` says which
-commit, machine and time produced each dataset's seeds. A merge is refused when a dataset would
+commit and machine produced each dataset's seeds, when they finished, and how long they took. A merge is refused when a dataset would
 pool seeds run under different settings. For example, the full profile one dataset at a time::
 
     python -m benchmarks.deq_vs_explicit --profile full --datasets digits
@@ -823,10 +823,10 @@ def main(argv=None) -> dict[str, Any]:
         for kind, seed in C.progress(jobs, desc=f"{dname} runs"):
             rec, _ = run_one(kind, ds, st, seed, probe_backward=profile != "smoke")
             runs[dname][kind].append(rec)
+        env = C.environment()
         provenance[dname] = [{
-            "seeds": seeds, "git": git, "timestamp_utc": C.environment()["timestamp_utc"],
-            "hostname": C.environment()["hostname"], "run_time_s": time.perf_counter() - t0,
-            "load_average": {"before": load0, "after": os.getloadavg()},
+            "seeds": seeds, "git": git, "timestamp_utc": env["timestamp_utc"], "hostname": env["hostname"],
+            "run_time_s": time.perf_counter() - t0, "load_average": {"before": load0, "after": os.getloadavg()},
         }]
     if previous is not None:
         merge_runs(previous, runs, settings, provenance)
