@@ -874,9 +874,7 @@ def anderson_breakdown(params, z0_shape, K: int, repeats: int) -> dict[str, Any]
     st = solver.init(F, x, fx)
     active = jnp.ones((B,), bool)
     # The driver's lowest-residual point, held fixed here (it only steers Anderson's restarts).
-    from deq.solvers._base import Best
-
-    best = Best(x, fx, jnp.full((B,), jnp.inf, jnp.float32))
+    best = deq.Best(x, fx, jnp.full((B,), jnp.inf, jnp.float32))
     for _ in range(m + 1):
         x, fx, st = solver.step(F, x, fx, st, active, best)
 

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 import deq
-from deq.solvers._base import Best
 
 ACTIVE = jnp.ones((1,), bool)
 
 
 def _best(F, x):
     fx = F(x)
-    return Best(x, fx, jnp.linalg.norm(fx - x, axis=1))
+    return deq.Best(x, fx, jnp.linalg.norm(fx - x, axis=1))
 
 
 def _unpack(state):

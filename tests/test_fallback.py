@@ -7,7 +7,6 @@ import pytest
 
 import deq
 from deq._tree import row_norm
-from deq.solvers._base import Best
 from deq.solvers.fallback import Fallback, FallbackState
 
 
@@ -39,7 +38,7 @@ def manual_run(solver, F, x0, steps):
         active = jnp.ones((x0.shape[0],), bool)
 
         # The driver's best point is not tracked here: Fallback hands its own to its stages.
-        best = Best(x0, fx, jnp.full((x0.shape[0],), jnp.inf, fx.dtype))
+        best = deq.Best(x0, fx, jnp.full((x0.shape[0],), jnp.inf, fx.dtype))
 
         def body(_, c):
             return solver.step(F, *c, active, best)

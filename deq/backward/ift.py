@@ -85,12 +85,12 @@ class IFT(AbstractBackward):
         """
         if vjp is None:
             _, vjp = jax.vjp(fn, x_star, params)
-        vjp_x = lambda u: vjp(u)[:1]  # the parameter cotangent is dead code inside the loop
-        h = lambda u: vjp_x(u)[0] + g
+        vjp_x = lambda u: vjp(u)[0]  # the parameter cotangent is dead code inside the loop
+        h = lambda u: vjp_x(u) + g
         if isinstance(self.solver, GMRES):
             s = self.solver
             u, _ = jax.scipy.sparse.linalg.gmres(
-                lambda u: u - vjp_x(u)[0], g, x0=g, tol=s.rtol, atol=s.atol,
+                lambda u: u - vjp_x(u), g, x0=g, tol=s.rtol, atol=s.atol,
                 restart=s.restart, maxiter=s.max_steps, solve_method="batched",
             )
             hu = h(u)
