@@ -23,9 +23,13 @@ Models (``deq.nn.models``; all share the encoder ``Linear(in, hidden)``, the cel
   (``ADJOINT``: ``rtol=1e-4, atol=1e-6, max_steps=100``, the library's ``IFT()`` default);
 * ``deq_jr``: the same DEQ trained with Jacobian regularization (Bai, Koltun & Kolter 2021):
   loss ``CE + gamma * ||df/dz(z*)||_F^2 / hidden``, one Hutchinson probe per sample
-  (``deq.regularize.jacobian_penalty``), ``gamma = jac_reg`` below;
+  (``deq.regularize.jacobian_penalty``), ``gamma = jac_reg`` (``JAC_REG`` = 5, chosen on the
+  validation split, see below);
 * ``unrolled``: ``UnrolledClassifier`` -- the same cell applied ``depth`` times with tied
   weights from ``z_0 = 0`` (exactly the DEQ's parameter count), ordinary backprop;
+* ``unrolled_jr`` (full profile only): the unrolled twin trained with the same penalty and
+  ``gamma``, taken at its last state ``z_K``: the penalty regularizes any network built from
+  the cell, so the DEQ + Jacobian reg. row is compared with it as well as with the plain twin;
 * ``resnet``: ``ResNetClassifier.matched`` -- ``depth`` untied cells, width chosen so its
   parameter count is closest to the DEQ's (narrower than the DEQ);
 * ``resnet_wide`` (full profile only): ``ResNetClassifier`` at the DEQ's width (about
@@ -66,6 +70,22 @@ hands its training-mode ``z*`` to ``jacobian_aux_loss`` through a trace-time mem
 batch tracer (both are called on the same ``x`` inside one traced loss), so no second forward
 solve is made; the aux loss falls back to re-solving if the memo is missing.
 
+Choosing settings without the test split: ``--split validation`` trains on the training split
+and evaluates on a validation split instead of the test split (MNIST-1D: 2,000 fresh signals
+from the generator with seed 1, the training split unchanged; the other datasets: the last 20%
+of the training split, left out of training) and writes ``deq_vs_explicit_validation.json``;
+``--jac-reg GAMMA`` overrides ``gamma`` and ``--models`` picks the models. ``JAC_REG`` came
+from these runs (full profile, seeds 0-2, digits and MNIST-1D; ``gamma`` 2 also trained the
+plain DEQ and twin, as ``--models deq,deq_jr,unrolled,unrolled_jr``)::
+
+    python -m benchmarks.deq_vs_explicit --profile full --split validation --jac-reg G \
+        --models deq_jr,unrolled_jr --out benchmarks/results/validation/jac_reg_G --no-plot
+
+Mean validation accuracy, DEQ + Jacobian reg. / unrolled + Jacobian reg., for ``gamma`` 2, 5,
+10: digits 96.88 / 96.41, 97.45 / 97.22, 96.99 / 97.11%; MNIST-1D 62.97 / 63.73, 63.33 / 64.40,
+60.87 / 61.57% (without the penalty: digits DEQ 96.53, unrolled 97.11%; MNIST-1D 61.13,
+63.90%). ``gamma`` = 5 is best for both models on both datasets.
+
 Targets (printed PASS/MISS, stored under ``targets``):
 
 * the DEQ's final test accuracy (mean over seeds) is within 1 point of (or above) each explicit
@@ -74,6 +94,9 @@ Targets (printed PASS/MISS, stored under ``targets``):
 * Jacobian regularization reduces the DEQ's forward solver steps (final test evaluation) by at
   least 10% at equal test accuracy (within 1 point); also reported: whether the reduction
   reaches the 2x of Bai et al. 2021 (who report ~2-3x fewer function evaluations).
+
+Also printed (INFO, stored under ``comparisons``, not targets): DEQ + Jacobian reg. against the
+unrolled twin and against the unrolled twin trained with the same penalty.
 
 Timings are wall-clock on whatever machine runs the script; ``settings.load_average`` records
 the machine's load before and after, since other processes inflate wall times. Each run also
@@ -117,12 +140,36 @@ LABELS = {
     "deq": "DEQ",
     "deq_jr": "DEQ + Jacobian reg.",
     "unrolled": "Unrolled (tied)",
+    "unrolled_jr": "Unrolled + Jacobian reg.",
     "resnet": "ResNet (matched params)",
     "resnet_wide": "ResNet (equal width)",
 }
 #: Plot colours per model.
-COLORS = {"deq": "C0", "deq_jr": "C2", "unrolled": "C1", "resnet": "C3", "resnet_wide": "C4"}
+COLORS = {"deq": "C0", "deq_jr": "C2", "unrolled": "C1", "unrolled_jr": "C5", "resnet": "C3",
+          "resnet_wide": "C4"}
 DEQ_MODELS = ("deq", "deq_jr")
+#: Models trained with the Jacobian penalty ``jac_reg``.
+JR_MODELS = ("deq_jr", "unrolled_jr")
+#: Models of each profile (the full profile adds the equal-width ResNet and the tied unrolled
+#: twin trained with the same Jacobian penalty as ``deq_jr``).
+KINDS = {
+    "smoke": ("deq", "deq_jr", "unrolled", "resnet"),
+    "quick": ("deq", "deq_jr", "unrolled", "resnet"),
+    "full": ("deq", "deq_jr", "unrolled", "unrolled_jr", "resnet", "resnet_wide"),
+}
+
+#: Weight ``gamma`` of the Jacobian penalty, every dataset and profile: chosen on the validation
+#: split (never the test split) from {2, 5, 10} by the mean validation accuracy of DEQ + Jacobian
+#: reg., full profile, seeds 0-2, on digits and MNIST-1D (5 was best on both, for the unrolled
+#: twin with the penalty too; MNIST and CIFAR-10 were not validated). Results in
+#: ``benchmarks/results/validation/jac_reg_{2,5,10}/``; see the module docstring.
+JAC_REG = 5.0
+
+#: Samples of the validation split of MNIST-1D: fresh signals from the generator with another
+#: seed, so the training split is unchanged. Other datasets hold out the last
+#: ``VALIDATION_FRACTION`` of their training split (and train on the rest).
+MNIST1D_VALIDATION = 2000
+VALIDATION_FRACTION = 0.2
 
 #: Accuracy whose first crossing is timed ("time to target"), per dataset.
 TARGET_ACCURACY = {"digits": 0.90, "mnist1d": 0.50, "mnist": 0.95, "cifar10": 0.35}
@@ -152,11 +199,11 @@ def dataset_settings(profile: str, name: str) -> dict[str, Any]:
 
     Returns:
       Dict with ``hidden``, ``depth``, ``epochs``, ``batch_size``, ``learning_rate``,
-      ``weight_decay`` (every model), ``jac_reg``, ``solver`` / ``adjoint`` (the DEQs'
+      ``weight_decay`` (every model), ``jac_reg`` (`JAC_REG`), ``solver`` / ``adjoint`` (the DEQs'
       ``deq.Anderson`` arguments, forward and IFT backward), ``num_train`` / ``num_test``
       (None = the whole split) and ``target_accuracy``.
     """
-    base = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.0, jac_reg=2.0,
+    base = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.0, jac_reg=JAC_REG,
                 solver=dict(SOLVER), adjoint=dict(ADJOINT), num_train=None, num_test=None,
                 target_accuracy=TARGET_ACCURACY[name])
     if profile == "smoke":
@@ -173,8 +220,14 @@ def dataset_settings(profile: str, name: str) -> dict[str, Any]:
 
 
 def load_dataset(name: str, settings: dict[str, Any], *, mnist: Path | None = None,
-                 cifar: Path | None = None):
+                 cifar: Path | None = None, split: str = "test"):
     """Load a dataset (optionally subsampled to ``num_train`` / ``num_test``).
+
+    With ``split="validation"`` the returned ``x_test`` / ``y_test`` are a validation split
+    instead, for choosing settings without looking at the test split: for MNIST-1D
+    `MNIST1D_VALIDATION` fresh signals made by the generator with seed 1 (the training split,
+    from seed 0, is unchanged); for the others the last `VALIDATION_FRACTION` of the training
+    split, which is then left out of training.
 
     Raises:
       SystemExit: with a one-line message when a ``--mnist`` / ``--cifar`` file is missing or
@@ -197,6 +250,17 @@ def load_dataset(name: str, settings: dict[str, Any], *, mnist: Path | None = No
             raise SystemExit(f"error: {flag} {path}: cannot read it: {first}") from None
     else:
         raise ValueError(f"unknown dataset {name!r}")
+    if split == "validation":
+        if name == "mnist1d":
+            fresh = load_mnist1d(seed=1)
+            ds = dataclasses.replace(ds, x_test=fresh.x_train[:MNIST1D_VALIDATION],
+                                     y_test=fresh.y_train[:MNIST1D_VALIDATION])
+        else:
+            n_fit = len(ds.x_train) - int(round(VALIDATION_FRACTION * len(ds.x_train)))
+            ds = dataclasses.replace(ds, x_train=ds.x_train[:n_fit], y_train=ds.y_train[:n_fit],
+                                     x_test=ds.x_train[n_fit:], y_test=ds.y_train[n_fit:])
+    elif split != "test":
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     n_tr, n_te = settings.get("num_train"), settings.get("num_test")
     if n_tr or n_te:
         ds = dataclasses.replace(
@@ -236,11 +300,29 @@ class JacRegDEQClassifier(DEQClassifier):
         return self.head(sol.value), solution_info(sol)
 
 
+class JacRegUnrolledClassifier(UnrolledClassifier):
+    """`UnrolledClassifier` that lends its final state ``z_K`` to `jacobian_aux_loss`.
+
+    Identical parameters and forward pass; the penalty is taken at ``z_K`` (the state the head
+    reads, as the DEQ's is taken at ``z*``).
+    """
+
+    def __call__(self, x):
+        u = self._encode(x)
+        z = self._unroll(u)
+        _FIXED_POINT_MEMO.clear()
+        _FIXED_POINT_MEMO[id(x)] = (x, u, z)
+        return self.head(z), {"depth": jnp.asarray(self.depth, jnp.int32)}
+
+
 def jacobian_aux_loss(model, x, key):
-    """``||d cell(z*, u) / dz||_F^2 / hidden`` (Hutchinson, one probe), for ``fit``'s aux loss.
+    """``||d cell(z, u) / dz||_F^2 / hidden`` at the model's final state, for ``fit``'s aux loss.
+
+    The state is the fixed point ``z*`` for a DEQ and ``z_K`` for the unrolled twin (Hutchinson
+    estimate, one probe per sample, ``z`` held constant as in Bai et al. 2021).
 
     Args:
-      model: a `JacRegDEQClassifier` (or any `DEQClassifier`).
+      model: a `JacRegDEQClassifier` / `DEQClassifier` or a `JacRegUnrolledClassifier`.
       x: the training batch.
       key: PRNG key of the step.
 
@@ -248,12 +330,13 @@ def jacobian_aux_loss(model, x, key):
       Scalar penalty, the batch mean of the per-sample estimates divided by the state size.
     """
     entry = _FIXED_POINT_MEMO.pop(id(x), None)
+    cell = model.deq.cell if isinstance(model, DEQClassifier) else model.cell
     if entry is not None and entry[0] is x:
         _, u, z = entry
-    else:  # not called right after the model's own forward pass: solve again
+    else:  # not called right after the model's own forward pass: run it again
         u = model._encode(x)
-        z = model.deq(u)
-    return jacobian_penalty(model.deq.cell, z, u, key) / model.hidden
+        z = model.deq(u) if isinstance(model, DEQClassifier) else model._unroll(u)
+    return jacobian_penalty(cell, z, u, key) / model.hidden
 
 
 def deq_solvers(st: dict[str, Any]) -> tuple[deq.Anderson, deq.IFT]:
@@ -286,8 +369,9 @@ def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
         solver, backward = deq_solvers(st)
         cls = DEQClassifier if kind == "deq" else JacRegDEQClassifier
         return cls(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward)
-    if kind == "unrolled":
-        return UnrolledClassifier(n_in, h, n_cls, depth=k, rngs=rngs)
+    if kind in ("unrolled", "unrolled_jr"):
+        cls = UnrolledClassifier if kind == "unrolled" else JacRegUnrolledClassifier
+        return cls(n_in, h, n_cls, depth=k, rngs=rngs)
     if kind == "resnet":
         target = count_params(nnx.eval_shape(lambda: DEQClassifier(n_in, h, n_cls, rngs=nnx.Rngs(0))))
         return ResNetClassifier.matched(target, n_in, n_cls, depth=k, rngs=rngs)
@@ -303,7 +387,7 @@ def train_config(st: dict[str, Any], ds, seed: int, kind: str) -> TrainConfig:
         learning_rate=st["learning_rate"], weight_decay=st["weight_decay"], epochs=st["epochs"],
         batch_size=st["batch_size"],
         eval_batch_size=min(len(ds.x_test), 1024), eval_every=per_epoch, seed=seed,
-        jacobian_reg=st["jac_reg"] if kind == "deq_jr" else 0.0, progress=False,
+        jacobian_reg=st["jac_reg"] if kind in JR_MODELS else 0.0, progress=False,
     )
 
 
@@ -383,7 +467,7 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
         warnings.simplefilter("always", deq.NonConvergenceWarning)
         last_end[0] = time.process_time()
         hist = fit(model, ds, cfg, callbacks=[on_record],
-                   aux_loss_fn=jacobian_aux_loss if kind == "deq_jr" else None)
+                   aux_loss_fn=jacobian_aux_loss if kind in JR_MODELS else None)
     nonconv_backward = sum(1 for w in caught if "backward" in str(w.message))
     nonconv_forward = sum(1 for w in caught if "backward" not in str(w.message)
                           and issubclass(w.category, deq.NonConvergenceWarning))
@@ -449,6 +533,8 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
     else:
         rec["forward_steps_final"] = float(st["depth"])
         rec["backward_steps_final"] = None
+        if kind == "unrolled_jr":
+            rec["jac_penalty_epoch"] = epoch_mean("aux_loss")
     return rec, model
 
 
@@ -566,10 +652,34 @@ def plot_solver_steps(plt, results: dict[str, dict[str, Any]]):
 # --------------------------------------------------------------------------------------------
 
 
+def jacobian_comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Accuracy differences of the Jacobian-regularized models (reported, not targets).
+
+    For each dataset: DEQ + Jacobian reg. against the unrolled twin, and, when the unrolled
+    twin was also trained with the penalty (full profile), DEQ + Jacobian reg. against it, the
+    comparison in which both sides get the same regularizer.
+    """
+    out = []
+    for dname, res in results.items():
+        if "deq_jr" not in res:
+            continue
+        a = res["deq_jr"]["final_accuracy"]["mean"]
+        for other in ("unrolled", "unrolled_jr"):
+            if other in res:
+                b = res[other]["final_accuracy"]["mean"]
+                out.append({"dataset": dname, "models": ["deq_jr", other],
+                            "text": f"{dname}: {LABELS['deq_jr']} {a:.2%} vs {LABELS[other]} {b:.2%} "
+                                    f"({(a - b) * 100:+.2f} points)",
+                            "difference": a - b, "within_1_point": bool(a - b >= -MATCH_TOL)})
+    return out
+
+
 def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """PASS/MISS of the benchmark's targets (see the module docstring)."""
     targets = []
     for dname, res in results.items():
+        if "deq" not in res:
+            continue
         deq_acc = res["deq"]["final_accuracy"]["mean"]
         for twin in ("unrolled", "resnet"):
             if twin not in res:
@@ -583,11 +693,11 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
             })
         st = settings["datasets"][dname]
         wide = res["resnet_wide"]["params"] if "resnet_wide" in res else settings["params_resnet_equal_width"][dname]
-        matched = res["resnet"]["params"]
         p = res["deq"]["params"]
+        matched = f"; param-matched ResNet {res['resnet']['params']:,}" if "resnet" in res else ""
         targets.append({
             "target": f"{dname}: DEQ has fewer parameters than the untied ResNet of equal width (depth {st['depth']})",
-            "measured": f"DEQ {p:,} vs {wide:,} ({wide / p:.2f}x); param-matched ResNet {matched:,}",
+            "measured": f"DEQ {p:,} vs {wide:,} ({wide / p:.2f}x){matched}",
             "passed": bool(p < wide),
         })
         if "deq_jr" in res:
@@ -619,14 +729,23 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
 DATASETS = tuple(TARGET_ACCURACY)
 
 
+def _names(text: str, known) -> list[str]:
+    """Comma-separated names from ``known``, none repeated, in ``known``'s order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in known for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names from {', '.join(known)} separated by commas, got {text!r}")
+    return [k for k in known if k in names]
+
+
 def _name_list(text: str) -> list[str]:
     """``--datasets`` value: comma-separated dataset names, each known, none repeated."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in DATASETS]
-    if not names or bad or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct names from {', '.join(DATASETS)} separated by commas, got {text!r}")
-    return names
+    return _names(text, DATASETS)
+
+
+def _model_list(text: str) -> list[str]:
+    """``--models`` value: comma-separated model names, each known, none repeated."""
+    return _names(text, tuple(LABELS))
 
 
 def _seed_list(text: str) -> list[int]:
@@ -654,6 +773,17 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=_seed_list, default=argparse.SUPPRESS, metavar="LIST",
                         help="comma-separated seeds, e.g. 0,1,2; default: the profile's count "
                              "(smoke 1, quick 2, full 3) of consecutive seeds from --seed")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="evaluate on the test split (default) or on a validation split, for "
+                             "choosing settings without the test split (MNIST-1D: 2,000 fresh "
+                             "generated signals; others: the last 20%% of the training split, left "
+                             f"out of training); validation results go to {NAME}_validation.json")
+    parser.add_argument("--jac-reg", type=float, default=None, metavar="GAMMA",
+                        help="weight of the Jacobian penalty for every dataset; None: "
+                             f"{JAC_REG:g}, chosen on the validation split")
+    parser.add_argument("--models", type=_model_list, default=argparse.SUPPRESS, metavar="LIST",
+                        help="comma-separated models to train, from " + ",".join(LABELS) +
+                             "; default: the profile's")
     parser.add_argument("--merge", action="store_true",
                         help=f"merge into the existing {NAME}.json in --out: replace only the runs of "
                              "the datasets and seeds run now, keep the others, and recompute the "
@@ -666,6 +796,10 @@ def parse_args(argv=None):
     for name, flag, path in (("mnist", "--mnist", args.mnist), ("cifar10", "--cifar", args.cifar)):
         if name in args.datasets and path is None:
             parser.error(f"--datasets names {name}, which needs {flag} PATH (a local .npz)")
+    if "models" not in args:
+        args.models = list(KINDS[args.profile])
+    if args.jac_reg is not None and not args.jac_reg > 0:
+        parser.error(f"--jac-reg must be > 0, got {args.jac_reg}")
     if "seeds" not in args:
         args.seeds = [args.seed + i for i in range(C.pick(args.profile, smoke=1, quick=2, full=3))]
     return args
@@ -685,7 +819,7 @@ def _comparable(st: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_previous(out: Path, profile: str, kinds: list[str], new_settings: dict[str, Any],
-                  seeds: list[int]) -> dict[str, Any]:
+                  seeds: list[int], name: str = NAME) -> dict[str, Any]:
     """The earlier result file that ``--merge`` adds to, checked before any training.
 
     Args:
@@ -694,6 +828,7 @@ def load_previous(out: Path, profile: str, kinds: list[str], new_settings: dict[
       kinds: this run's models.
       new_settings: this run's ``settings["datasets"]`` (dataset -> settings).
       seeds: this run's seeds.
+      name: the result file's base name (``deq_vs_explicit`` or ``deq_vs_explicit_validation``).
 
     Returns:
       The earlier payload. Datasets of files written before settings were recorded per dataset
@@ -704,7 +839,7 @@ def load_previous(out: Path, profile: str, kinds: list[str], new_settings: dict[
         dataset that keeps earlier seeds was run with other settings (its runs could not be
         pooled).
     """
-    path = C.result_path(out, NAME)
+    path = C.result_path(out, name)
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -763,7 +898,7 @@ def merge_runs(previous: dict[str, Any], runs: dict[str, dict[str, list]], setti
         for kind, recs in runs[dname].items():
             recs[:] = sorted([r for r in old_runs[kind] if r["seed"] not in new_seeds] + recs,
                              key=lambda r: r["seed"])
-        settings["datasets"][dname]["seeds"] = [r["seed"] for r in runs[dname]["deq"]]
+        settings["datasets"][dname]["seeds"] = [r["seed"] for r in next(iter(runs[dname].values()))]
         for entry in _previous_provenance(previous, dname):
             kept = [s for s in entry["seeds"] if s not in new_seeds]
             if kept:
@@ -781,13 +916,17 @@ def main(argv=None) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
     profile, datasets, seeds = args.profile, args.datasets, args.seeds
-    kinds = ["deq", "deq_jr", "unrolled", "resnet"] + (["resnet_wide"] if profile == "full" else [])
+    kinds = list(args.models)
+    name = NAME if args.split == "test" else f"{NAME}_validation"
 
     # Load everything first so that a missing --mnist/--cifar file fails before any training.
     loaded = {}
     for dname in datasets:
         st = dataset_settings(profile, dname)
-        loaded[dname] = (load_dataset(dname, st, mnist=args.mnist, cifar=args.cifar), st)
+        if args.jac_reg is not None:
+            st["jac_reg"] = float(args.jac_reg)
+        st["split"] = args.split
+        loaded[dname] = (load_dataset(dname, st, mnist=args.mnist, cifar=args.cifar, split=args.split), st)
 
     settings: dict[str, Any] = {
         "profile": profile, "seeds": seeds, "models": {k: LABELS[k] for k in kinds},
@@ -804,7 +943,8 @@ def main(argv=None) -> dict[str, Any]:
         }
         settings["params_resnet_equal_width"][dname] = count_params(
             nnx.eval_shape(lambda: build_model("resnet_wide", ds, st, 0)))
-    previous = load_previous(args.out, profile, kinds, settings["datasets"], seeds) if args.merge else None
+    previous = (load_previous(args.out, profile, kinds, settings["datasets"], seeds, name)
+                if args.merge else None)
 
     runs: dict[str, dict[str, list]] = {}
     provenance: dict[str, list] = {}
@@ -817,7 +957,7 @@ def main(argv=None) -> dict[str, Any]:
                 lambda: build_model("resnet_wide", ds, st, 0))
         print(f"\n== {dname}: {len(ds.x_train)} train / {len(ds.x_test)} test, {in_features(ds)} features; "
               f"hidden {st['hidden']}, depth {st['depth']}, {st['epochs']} epoch(s), seeds {seeds}")
-        print(param_table(models0, reference=LABELS["deq"]), flush=True)
+        print(param_table(models0, reference=next(iter(models0))), flush=True)
         runs[dname] = {k: [] for k in kinds}
         jobs = [(k, s) for s in seeds for k in kinds]
         for kind, seed in C.progress(jobs, desc=f"{dname} runs"):
@@ -870,25 +1010,28 @@ def main(argv=None) -> dict[str, Any]:
     print()
     for t in targets:
         print(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
+    comparisons = jacobian_comparisons(results)
+    for c in comparisons:
+        print(f"INFO: {c['text']}")
 
     figures = {}
     if not args.no_plot:
         plt = C.pyplot()
         for dname, res in results.items():
             fig = plot_dataset(plt, dname, res, settings["datasets"][dname], nseeds[dname])
-            figures[f"accuracy_{dname}"] = str(C.save_figure(fig, args.out, f"{NAME}_{dname}"))
-        path = C.save_figure(plot_solver_steps(plt, results), args.out, f"{NAME}_solver_steps")
+            figures[f"accuracy_{dname}"] = str(C.save_figure(fig, args.out, f"{name}_{dname}"))
+        path = C.save_figure(plot_solver_steps(plt, results), args.out, f"{name}_solver_steps")
         figures["solver_steps"] = str(path)
 
     settings["load_average"] = {"before": load_before, "after": os.getloadavg()}
     payload = {
         "benchmark": NAME, "profile": profile, "settings": settings, "results": results,
-        "summary_table": table, "targets": targets, "figures": figures,
+        "summary_table": table, "targets": targets, "comparisons": comparisons, "figures": figures,
         "provenance": provenance,
         "run_time_s": time.perf_counter() - started,
         "cpu_time_s": time.process_time() - cpu_started,
     }
-    path = C.save_json(args.out, NAME, payload)
+    path = C.save_json(args.out, name, payload)
     print(f"\ntable: {path} (summary_table, results); run time {payload['run_time_s']:.1f} s")
     for name, fig_path in figures.items():
         print(f"plot ({name}): {fig_path}")

@@ -210,3 +210,75 @@ def test_deq_vs_explicit_merge_keeps_other_runs_and_refuses_mixed_settings(tmp_p
         dve.load_previous(tmp_path, "smoke", kinds, other, [1])
     with pytest.raises(SystemExit, match="profile"):
         dve.load_previous(tmp_path, "full", kinds, new_st, [1, 2])
+
+
+def test_validation_split_is_disjoint_from_training_and_test():
+    import numpy as np
+
+    from benchmarks import deq_vs_explicit as dve
+
+    def rows(a):
+        return {np.asarray(r).tobytes() for r in np.asarray(a).reshape(len(a), -1)}
+
+    for name in ("digits", "mnist1d"):
+        st = dve.dataset_settings("full", name)
+        test = dve.load_dataset(name, st)
+        val = dve.load_dataset(name, st, split="validation")
+        if name == "mnist1d":  # fresh generated signals; the training split is unchanged
+            assert np.array_equal(val.x_train, test.x_train) and len(val.x_test) == dve.MNIST1D_VALIDATION
+        else:  # the tail of the training split, left out of training
+            n = len(test.x_train)
+            assert len(val.x_train) + len(val.x_test) == n
+            assert len(val.x_test) == round(dve.VALIDATION_FRACTION * n)
+            assert np.array_equal(np.concatenate([val.x_train, val.x_test]), test.x_train)
+        assert not rows(val.x_test) & rows(val.x_train)
+        assert not rows(val.x_test) & rows(test.x_test)
+    with pytest.raises(ValueError, match="split"):
+        dve.load_dataset("digits", dve.dataset_settings("full", "digits"), split="train")
+
+
+def test_deq_vs_explicit_argument_errors(capsys):
+    from benchmarks import deq_vs_explicit as dve
+
+    for argv, word in ((["--models", "deq,mlp"], "--models"), (["--models", "deq,deq"], "--models"),
+                       (["--jac-reg", "0"], "--jac-reg"), (["--split", "train"], "--split")):
+        with pytest.raises(SystemExit):
+            dve.parse_args(["--profile", "smoke", *argv])
+        assert word in capsys.readouterr().err
+    args = dve.parse_args(["--profile", "full", "--models", "unrolled_jr,deq"])
+    assert args.models == ["deq", "unrolled_jr"]  # canonical order
+    assert dve.parse_args(["--profile", "full"]).models == list(dve.KINDS["full"])
+
+
+def test_jacobian_aux_loss_same_with_and_without_the_memo():
+    import jax
+    import numpy as np
+
+    from benchmarks import deq_vs_explicit as dve
+
+    ds = dve.load_dataset("digits", {"num_train": 8, "num_test": 8})
+    st = {**dve.dataset_settings("smoke", "digits"), "jac_reg": 2.0}
+    x = np.asarray(ds.x_train[:8])
+    key = jax.random.key(3)
+    for kind in dve.JR_MODELS:
+        model = dve.build_model(kind, ds, st, 0)
+        model(x)  # the forward pass lends its final state to the aux loss
+        assert len(dve._FIXED_POINT_MEMO) == 1
+        with_memo = float(dve.jacobian_aux_loss(model, x, key))
+        assert not dve._FIXED_POINT_MEMO
+        without = float(dve.jacobian_aux_loss(model, x, key))  # recomputes the state
+        assert with_memo > 0 and np.isclose(with_memo, without, rtol=1e-5), kind
+
+
+def test_jacobian_comparisons_report_both_twins():
+    from benchmarks import deq_vs_explicit as dve
+
+    def agg(acc):
+        return {"final_accuracy": {"mean": acc}}
+
+    res = {"mnist1d": {"deq_jr": agg(0.63), "unrolled": agg(0.635), "unrolled_jr": agg(0.65)},
+           "digits": {"deq": agg(0.9)}}
+    out = dve.jacobian_comparisons(res)
+    assert [c["models"] for c in out] == [["deq_jr", "unrolled"], ["deq_jr", "unrolled_jr"]]
+    assert [c["within_1_point"] for c in out] == [True, False]
+    assert "-2.00 points" in out[1]["text"]

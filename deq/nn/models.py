@@ -259,11 +259,14 @@ class UnrolledClassifier(_DenseBase):
         self.cell = DenseCell(hidden, cell_hidden, rngs=rngs, use_norm=use_norm, init_scale=init_scale)
 
     def __call__(self, x):
-        u = self._encode(x)
+        return self.head(self._unroll(self._encode(x))), _depth_info(self.depth)
+
+    def _unroll(self, u):
+        """`z_K` from `z_0 = 0` and the injection `u`."""
         z = self.cell.init_state(u)
         for _ in range(self.depth):
             z = self.cell(z, u)
-        return self.head(z), _depth_info(self.depth)
+        return z
 
 
 class ResNetClassifier(_DenseBase):
