@@ -282,3 +282,19 @@ def test_jacobian_comparisons_report_both_twins():
     assert [c["models"] for c in out] == [["deq_jr", "unrolled"], ["deq_jr", "unrolled_jr"]]
     assert [c["within_1_point"] for c in out] == [True, False]
     assert "-2.00 points" in out[1]["text"]
+
+
+def test_validation_run_writes_its_own_file(tmp_path, monkeypatch):
+    from benchmarks import deq_vs_explicit as dve
+
+    monkeypatch.setenv("DEQ_NO_PROGRESS", "1")
+    data = dve.main(["--profile", "smoke", "--split", "validation", "--models", "deq_jr,unrolled_jr",
+                     "--jac-reg", "3", "--out", str(tmp_path), "--no-plot"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deq_vs_explicit_validation.json"]
+    saved = json.loads((tmp_path / "deq_vs_explicit_validation.json").read_text())
+    st = saved["settings"]["datasets"]["digits"]
+    assert st["split"] == "validation" and st["jac_reg"] == 3.0
+    assert set(saved["results"]["digits"]) == {"deq_jr", "unrolled_jr"} == set(data["results"]["digits"])
+    assert saved["results"]["digits"]["unrolled_jr"]["runs"][0]["jac_penalty_epoch"][0] > 0
+    assert [c["models"] for c in saved["comparisons"]] == [["deq_jr", "unrolled_jr"]]
+    assert saved["targets"] == []  # the targets compare the plain DEQ, not trained here
