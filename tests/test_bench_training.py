@@ -298,3 +298,17 @@ def test_validation_run_writes_its_own_file(tmp_path, monkeypatch):
     assert saved["results"]["digits"]["unrolled_jr"]["runs"][0]["jac_penalty_epoch"][0] > 0
     assert [c["models"] for c in saved["comparisons"]] == [["deq_jr", "unrolled_jr"]]
     assert saved["targets"] == []  # the targets compare the plain DEQ, not trained here
+
+
+def test_large_test_set_only_for_mnist1d_on_the_test_split():
+    import numpy as np
+
+    from benchmarks import deq_vs_explicit as dve
+
+    x, y = dve.large_test_set("mnist1d")
+    assert x.shape == (dve.MNIST1D_LARGE_TEST, 40) and y.shape == (dve.MNIST1D_LARGE_TEST,)
+    assert set(np.unique(y)) == set(range(10))
+    ds = dve.load_dataset("mnist1d", dve.dataset_settings("full", "mnist1d"))
+    seen = {r.tobytes() for r in np.concatenate([ds.x_train, ds.x_test])}
+    assert not any(r.tobytes() in seen for r in x)  # fresh signals, none from the splits
+    assert dve.large_test_set("digits") is None and dve.large_test_set("mnist1d", "validation") is None
