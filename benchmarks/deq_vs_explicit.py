@@ -715,8 +715,8 @@ def jacobian_comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, A
         for key, where in _ACCURACY_KEYS:
             a = _mean(res["deq_jr"], key)
             for other in ("unrolled", "unrolled_jr"):
-                if other in res and a is not None:
-                    b = _mean(res[other], key)
+                b = _mean(res[other], key) if other in res else None
+                if a is not None and b is not None:
                     out.append({"dataset": dname, "models": ["deq_jr", other], "accuracy": key,
                                 "text": f"{dname} ({where}): {LABELS['deq_jr']} {a:.2%} vs "
                                         f"{LABELS[other]} {b:.2%} ({(a - b) * 100:+.2f} points)",
@@ -735,9 +735,9 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
             if deq_acc is None:
                 continue
             for twin in ("unrolled", "resnet"):
-                if twin not in res:
+                twin_acc = _mean(res[twin], key) if twin in res else None
+                if twin_acc is None:  # not trained, or (merged runs) not measured on this set
                     continue
-                twin_acc = _mean(res[twin], key)
                 diff = deq_acc - twin_acc
                 targets.append({
                     "target": f"{dname}: DEQ {where} accuracy within 1 point of {LABELS[twin]} (or above)",

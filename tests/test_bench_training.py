@@ -282,6 +282,13 @@ def test_jacobian_comparisons_report_both_twins():
     assert [c["models"] for c in out] == [["deq_jr", "unrolled"], ["deq_jr", "unrolled_jr"]]
     assert [c["within_1_point"] for c in out] == [True, False]
     assert "-2.00 points" in out[1]["text"]
+    # A large-test-set accuracy is compared only where both models have one (merged old runs lack it).
+    res["mnist1d"]["deq_jr"]["large_test_accuracy"] = {"mean": 0.62}
+    res["mnist1d"]["unrolled_jr"]["large_test_accuracy"] = {"mean": None}
+    res["mnist1d"]["unrolled"]["large_test_accuracy"] = {"mean": 0.64}
+    out = dve.jacobian_comparisons(res)
+    assert [(c["models"][1], c["accuracy"]) for c in out] == [
+        ("unrolled", "final_accuracy"), ("unrolled_jr", "final_accuracy"), ("unrolled", "large_test_accuracy")]
 
 
 def test_validation_run_writes_its_own_file(tmp_path, monkeypatch):
