@@ -1061,7 +1061,8 @@ def main(argv=None) -> dict[str, Any]:
                   else "seeds " + ", ".join(f"{d} {n}" for d, n in nseeds.items()))
     table = C.print_table(rows, [
         "dataset", "model", "params", ("acc", "test acc (mean ± sd, pts)"), ("range", "min-max"),
-        ("large", "large test set acc"), ("loss", "test loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
+        *([("large", "large test set acc")] if any(r["large"] != "-" for r in rows) else []),
+        ("loss", "test loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
         ("step_ms", "step ms (median)"), ("step_cpu_ms", "step CPU ms"),
         ("compile", "compile s"), ("fwd", "fwd steps"), ("bwd", "bwd steps"),
     ], title=f"Final test accuracy over {seeds_text}; target accuracy "
