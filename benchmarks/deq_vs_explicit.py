@@ -209,12 +209,13 @@ def dataset_settings(profile: str, name: str) -> dict[str, Any]:
       name: ``digits``, ``mnist1d``, ``mnist`` or ``cifar10``.
 
     Returns:
-      Dict with ``hidden``, ``depth``, ``epochs``, ``batch_size``, ``learning_rate``,
+      Dict with ``hidden``, ``cell_hidden`` (the cells' inner width; None = ``hidden``),
+      ``depth``, ``epochs``, ``batch_size``, ``learning_rate``,
       ``weight_decay`` (every model), ``jac_reg`` (`JAC_REG`), ``solver`` / ``adjoint`` (the DEQs'
       ``deq.Anderson`` arguments, forward and IFT backward), ``num_train`` / ``num_test``
       (None = the whole split) and ``target_accuracy``.
     """
-    base = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.0, jac_reg=JAC_REG,
+    base = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.0, jac_reg=JAC_REG, cell_hidden=None,
                 solver=dict(SOLVER), adjoint=dict(ADJOINT), num_train=None, num_test=None,
                 target_accuracy=TARGET_ACCURACY[name])
     if profile == "smoke":
@@ -353,12 +354,13 @@ def jacobian_aux_loss(model, x, key):
       Scalar penalty, the batch mean of the per-sample estimates divided by the state size.
     """
     entry = _FIXED_POINT_MEMO.pop(id(x), None)
-    cell = model.deq.cell if isinstance(model, DEQClassifier) else model.cell
+    layer = getattr(model, "deq", None)  # a DEQ's layer; the unrolled twin has none
+    cell = model.cell if layer is None else layer.cell
     if entry is not None and entry[0] is x:
         _, u, z = entry
     else:  # not called right after the model's own forward pass: run it again
         u = model._encode(x)
-        z = model.deq(u) if isinstance(model, DEQClassifier) else model._unroll(u)
+        z = model._unroll(u) if layer is None else layer(u)
     return jacobian_penalty(cell, z, u, key) / model.hidden
 
 
@@ -387,19 +389,21 @@ def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
       The model (an `nnx.Module` returning ``(logits, info)``).
     """
     n_in, h, k, n_cls = in_features(ds), st["hidden"], st["depth"], ds.num_classes
+    ch = st.get("cell_hidden")
     rngs = nnx.Rngs(seed)
     if kind in DEQ_MODELS:
         solver, backward = deq_solvers(st)
         cls = DEQClassifier if kind == "deq" else JacRegDEQClassifier
-        return cls(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward)
+        return cls(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward, cell_hidden=ch)
     if kind in ("unrolled", "unrolled_jr"):
         cls = UnrolledClassifier if kind == "unrolled" else JacRegUnrolledClassifier
-        return cls(n_in, h, n_cls, depth=k, rngs=rngs)
+        return cls(n_in, h, n_cls, depth=k, rngs=rngs, cell_hidden=ch)
     if kind == "resnet":
-        target = count_params(nnx.eval_shape(lambda: DEQClassifier(n_in, h, n_cls, rngs=nnx.Rngs(0))))
+        target = count_params(nnx.eval_shape(
+            lambda: DEQClassifier(n_in, h, n_cls, rngs=nnx.Rngs(0), cell_hidden=ch)))
         return ResNetClassifier.matched(target, n_in, n_cls, depth=k, rngs=rngs)
     if kind == "resnet_wide":
-        return ResNetClassifier(n_in, h, n_cls, depth=k, rngs=rngs)
+        return ResNetClassifier(n_in, h, n_cls, depth=k, rngs=rngs, cell_hidden=ch)
     raise ValueError(f"unknown model {kind!r}")
 
 
@@ -835,6 +839,10 @@ def parse_args(argv=None):
     parser.add_argument("--jac-reg", type=float, default=None, metavar="GAMMA",
                         help="weight of the Jacobian penalty for every dataset; None: "
                              f"{JAC_REG:g}, chosen on the validation split")
+    parser.add_argument("--cell-hidden", type=int, default=None, metavar="WIDTH",
+                        help="inner width of every model's cells (the DEQ's, the twins'; the "
+                             "param-matched ResNet is matched to the DEQ's new count); None: the "
+                             "state width `hidden`")
     parser.add_argument("--models", type=_model_list, default=argparse.SUPPRESS, metavar="LIST",
                         help="comma-separated models to train, from " + ",".join(LABELS) +
                              "; default: the profile's")
@@ -854,6 +862,8 @@ def parse_args(argv=None):
         args.models = list(KINDS[args.profile])
     if args.jac_reg is not None and not args.jac_reg > 0:
         parser.error(f"--jac-reg must be > 0, got {args.jac_reg}")
+    if args.cell_hidden is not None and args.cell_hidden < 1:
+        parser.error(f"--cell-hidden must be a positive integer, got {args.cell_hidden}")
     if "seeds" not in args:
         args.seeds = [args.seed + i for i in range(C.pick(args.profile, smoke=1, quick=2, full=3))]
     return args
@@ -979,6 +989,8 @@ def main(argv=None) -> dict[str, Any]:
         st = dataset_settings(profile, dname)
         if args.jac_reg is not None:
             st["jac_reg"] = float(args.jac_reg)
+        if args.cell_hidden is not None:
+            st["cell_hidden"] = args.cell_hidden
         st["split"] = args.split
         loaded[dname] = (load_dataset(dname, st, mnist=args.mnist, cifar=args.cifar, split=args.split), st)
 
