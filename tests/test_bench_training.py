@@ -241,7 +241,8 @@ def test_deq_vs_explicit_argument_errors(capsys):
     from benchmarks import deq_vs_explicit as dve
 
     for argv, word in ((["--models", "deq,mlp"], "--models"), (["--models", "deq,deq"], "--models"),
-                       (["--jac-reg", "0"], "--jac-reg"), (["--split", "train"], "--split")):
+                       (["--jac-reg", "0"], "--jac-reg"), (["--split", "train"], "--split"),
+                       (["--cell-hidden", "0"], "--cell-hidden")):
         with pytest.raises(SystemExit):
             dve.parse_args(["--profile", "smoke", *argv])
         assert word in capsys.readouterr().err
@@ -319,3 +320,22 @@ def test_large_test_set_only_for_mnist1d_on_the_test_split():
     seen = {r.tobytes() for r in np.concatenate([ds.x_train, ds.x_test])}
     assert not any(r.tobytes() in seen for r in x)  # fresh signals, none from the splits
     assert dve.large_test_set("digits") is None and dve.large_test_set("mnist1d", "validation") is None
+
+
+def test_cell_hidden_widens_every_model_alike():
+    from flax import nnx
+
+    from benchmarks import deq_vs_explicit as dve
+
+    ds = dve.load_dataset("digits", {"num_train": 8, "num_test": 8})
+    st = dve.dataset_settings("quick", "digits")
+    wide = {**st, "cell_hidden": 2 * st["hidden"]}
+
+    def params(kind, settings):
+        return dve.count_params(nnx.eval_shape(lambda: dve.build_model(kind, ds, settings, 0)))
+
+    # W1 (hidden -> cell_hidden), its bias and LayerNorm, W2 (cell_hidden -> hidden) grow with cell_hidden.
+    extra = params("deq", wide) - params("deq", st)
+    assert extra > 0
+    assert params("unrolled", wide) - params("unrolled", st) == extra == params("deq_jr", wide) - params("deq_jr", st)
+    assert abs(params("resnet", wide) / params("deq", wide) - 1) < 0.1  # matched to the new count
