@@ -80,7 +80,8 @@ Choosing settings without the test split: ``--split validation`` trains on the t
 and evaluates on a validation split instead of the test split (MNIST-1D: 2,000 fresh signals
 from the generator with seed 1, the training split unchanged; the other datasets: the last 20%
 of the training split, left out of training) and writes ``deq_vs_explicit_validation.json``;
-``--jac-reg GAMMA`` overrides ``gamma`` and ``--models`` picks the models. ``JAC_REG`` came
+``--jac-reg GAMMA`` overrides ``gamma``, ``--cell-hidden WIDTH`` the cells' inner width (every
+model's; default the state width ``hidden``) and ``--models`` picks the models. ``JAC_REG`` came
 from these runs (full profile, seeds 0-2, digits and MNIST-1D; ``gamma`` 2 also trained the
 plain DEQ and twin, as ``--models deq,deq_jr,unrolled,unrolled_jr``)::
 
