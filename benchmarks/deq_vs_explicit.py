@@ -137,6 +137,7 @@ from deq.data import load_cifar10, load_digits, load_mnist, load_mnist1d
 from deq.nn import solution_info
 from deq.nn.models import (DEQClassifier, ResNetClassifier, UnrolledClassifier, count_params,
                            param_table)
+from deq.nn.models import _depth_info  # the unrolled twin's info, so both twins report alike
 from deq.regularize import jacobian_penalty
 from deq.train import TrainConfig, cross_entropy, evaluate, fit
 
@@ -337,7 +338,7 @@ class JacRegUnrolledClassifier(UnrolledClassifier):
         z = self._unroll(u)
         _FIXED_POINT_MEMO.clear()
         _FIXED_POINT_MEMO[id(x)] = (x, u, z)
-        return self.head(z), {"depth": jnp.asarray(self.depth, jnp.int32)}
+        return self.head(z), _depth_info(self.depth)
 
 
 def jacobian_aux_loss(model, x, key):
@@ -572,13 +573,11 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *,
         rec["forward_nonconverged_steps"] = nonconv_forward
         rec["forward_steps_final"] = evals[-1].get("forward_steps")
         rec["backward_steps_final"] = rec["backward_steps"][-1]
-        if kind == "deq_jr":
-            rec["jac_penalty_epoch"] = epoch_mean("aux_loss")
     else:
         rec["forward_steps_final"] = float(st["depth"])
         rec["backward_steps_final"] = None
-        if kind == "unrolled_jr":
-            rec["jac_penalty_epoch"] = epoch_mean("aux_loss")
+    if kind in JR_MODELS:
+        rec["jac_penalty_epoch"] = epoch_mean("aux_loss")
     return rec, model
 
 
@@ -706,6 +705,17 @@ def _mean(agg: dict[str, Any], key: str) -> float | None:
     return agg.get(key, {}).get("mean")
 
 
+def _accuracy_pairs(res: dict[str, Any], model: str, others: tuple[str, ...]):
+    """``(key, where, other, a, b)`` for each accuracy of `_ACCURACY_KEYS` measured for both
+    ``model`` (``a``) and a trained ``other`` (``b``); merged runs may lack the large test set."""
+    for key, where in _ACCURACY_KEYS:
+        a = _mean(res[model], key)
+        for other in others:
+            b = _mean(res[other], key) if other in res else None
+            if a is not None and b is not None:
+                yield key, where, other, a, b
+
+
 def jacobian_comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Accuracy differences of the Jacobian-regularized models (reported, not targets).
 
@@ -717,15 +727,11 @@ def jacobian_comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, A
     for dname, res in results.items():
         if "deq_jr" not in res:
             continue
-        for key, where in _ACCURACY_KEYS:
-            a = _mean(res["deq_jr"], key)
-            for other in ("unrolled", "unrolled_jr"):
-                b = _mean(res[other], key) if other in res else None
-                if a is not None and b is not None:
-                    out.append({"dataset": dname, "models": ["deq_jr", other], "accuracy": key,
-                                "text": f"{dname} ({where}): {LABELS['deq_jr']} {a:.2%} vs "
-                                        f"{LABELS[other]} {b:.2%} ({(a - b) * 100:+.2f} points)",
-                                "difference": a - b, "within_1_point": bool(a - b >= -MATCH_TOL)})
+        for key, where, other, a, b in _accuracy_pairs(res, "deq_jr", ("unrolled", "unrolled_jr")):
+            out.append({"dataset": dname, "models": ["deq_jr", other], "accuracy": key,
+                        "text": f"{dname} ({where}): {LABELS['deq_jr']} {a:.2%} vs "
+                                f"{LABELS[other]} {b:.2%} ({(a - b) * 100:+.2f} points)",
+                        "difference": a - b, "within_1_point": bool(a - b >= -MATCH_TOL)})
     return out
 
 
@@ -735,20 +741,13 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
     for dname, res in results.items():
         if "deq" not in res:
             continue
-        for key, where in _ACCURACY_KEYS:
-            deq_acc = _mean(res["deq"], key)
-            if deq_acc is None:
-                continue
-            for twin in ("unrolled", "resnet"):
-                twin_acc = _mean(res[twin], key) if twin in res else None
-                if twin_acc is None:  # not trained, or (merged runs) not measured on this set
-                    continue
-                diff = deq_acc - twin_acc
-                targets.append({
-                    "target": f"{dname}: DEQ {where} accuracy within 1 point of {LABELS[twin]} (or above)",
-                    "measured": f"DEQ {deq_acc:.2%} vs {twin_acc:.2%} ({diff * 100:+.2f} points)",
-                    "passed": bool(diff >= -MATCH_TOL),
-                })
+        for _, where, twin, deq_acc, twin_acc in _accuracy_pairs(res, "deq", ("unrolled", "resnet")):
+            diff = deq_acc - twin_acc
+            targets.append({
+                "target": f"{dname}: DEQ {where} accuracy within 1 point of {LABELS[twin]} (or above)",
+                "measured": f"DEQ {deq_acc:.2%} vs {twin_acc:.2%} ({diff * 100:+.2f} points)",
+                "passed": bool(diff >= -MATCH_TOL),
+            })
         deq_acc = res["deq"]["final_accuracy"]["mean"]
         st = settings["datasets"][dname]
         wide = res["resnet_wide"]["params"] if "resnet_wide" in res else settings["params_resnet_equal_width"][dname]
