@@ -696,8 +696,9 @@ def plot_solver_steps(plt, results: dict[str, dict[str, Any]]):
 # --------------------------------------------------------------------------------------------
 
 
-#: The accuracies compared: the test split's, and the large test set's where there is one.
-_ACCURACY_KEYS = (("final_accuracy", "test"), ("large_test_accuracy", "large-test-set"))
+#: The accuracies compared: the evaluated split's (the test split, or the validation split in a
+#: ``--split validation`` run), and the large test set's where there is one.
+_ACCURACY_KEYS = ("final_accuracy", "large_test_accuracy")
 
 
 def _mean(agg: dict[str, Any], key: str) -> float | None:
@@ -705,10 +706,13 @@ def _mean(agg: dict[str, Any], key: str) -> float | None:
     return agg.get(key, {}).get("mean")
 
 
-def _accuracy_pairs(res: dict[str, Any], model: str, others: tuple[str, ...]):
+def _accuracy_pairs(res: dict[str, Any], model: str, others: tuple[str, ...], split: str = "test"):
     """``(key, where, other, a, b)`` for each accuracy of `_ACCURACY_KEYS` measured for both
-    ``model`` (``a``) and a trained ``other`` (``b``); merged runs may lack the large test set."""
-    for key, where in _ACCURACY_KEYS:
+    ``model`` (``a``) and a trained ``other`` (``b``); merged runs may lack the large test set.
+    ``where`` names what was evaluated: ``split`` (the dataset's evaluated split) or the large
+    test set."""
+    for key in _ACCURACY_KEYS:
+        where = split if key == "final_accuracy" else "large-test-set"
         a = _mean(res[model], key)
         for other in others:
             b = _mean(res[other], key) if other in res else None
@@ -716,18 +720,26 @@ def _accuracy_pairs(res: dict[str, Any], model: str, others: tuple[str, ...]):
                 yield key, where, other, a, b
 
 
-def jacobian_comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _split_of(settings: dict[str, Any] | None, dname: str) -> str:
+    """The split a dataset's accuracies were measured on (``test`` unless recorded otherwise)."""
+    return ((settings or {}).get("datasets", {}).get(dname) or {}).get("split", "test")
+
+
+def jacobian_comparisons(results: dict[str, dict[str, Any]],
+                         settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Accuracy differences of the Jacobian-regularized models (reported, not targets).
 
     For each dataset: DEQ + Jacobian reg. against the unrolled twin, and, when the unrolled
     twin was also trained with the penalty (full profile), DEQ + Jacobian reg. against it, the
-    comparison in which both sides get the same regularizer.
+    comparison in which both sides get the same regularizer. ``settings`` (the run's) names the
+    evaluated split in the texts.
     """
     out = []
     for dname, res in results.items():
         if "deq_jr" not in res:
             continue
-        for key, where, other, a, b in _accuracy_pairs(res, "deq_jr", ("unrolled", "unrolled_jr")):
+        pairs = _accuracy_pairs(res, "deq_jr", ("unrolled", "unrolled_jr"), _split_of(settings, dname))
+        for key, where, other, a, b in pairs:
             out.append({"dataset": dname, "models": ["deq_jr", other], "accuracy": key,
                         "text": f"{dname} ({where}): {LABELS['deq_jr']} {a:.2%} vs "
                                 f"{LABELS[other]} {b:.2%} ({(a - b) * 100:+.2f} points)",
@@ -741,7 +753,8 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
     for dname, res in results.items():
         if "deq" not in res:
             continue
-        for _, where, twin, deq_acc, twin_acc in _accuracy_pairs(res, "deq", ("unrolled", "resnet")):
+        pairs = _accuracy_pairs(res, "deq", ("unrolled", "resnet"), _split_of(settings, dname))
+        for _, where, twin, deq_acc, twin_acc in pairs:
             diff = deq_acc - twin_acc
             targets.append({
                 "target": f"{dname}: DEQ {where} accuracy within 1 point of {LABELS[twin]} (or above)",
@@ -1072,19 +1085,19 @@ def main(argv=None) -> dict[str, Any]:
     seeds_text = (f"{nseeds[order[0]]} seed(s)" if len(set(nseeds.values())) == 1
                   else "seeds " + ", ".join(f"{d} {n}" for d, n in nseeds.items()))
     table = C.print_table(rows, [
-        "dataset", "model", "params", ("acc", "test acc (mean ± sd, pts)"), ("range", "min-max"),
+        "dataset", "model", "params", ("acc", f"{args.split} acc (mean ± sd, pts)"), ("range", "min-max"),
         *([("large", "large test set acc")] if any(r["large"] != "-" for r in rows) else []),
-        ("loss", "test loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
+        ("loss", f"{args.split} loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
         ("step_ms", "step ms (median)"), ("step_cpu_ms", "step CPU ms"),
         ("compile", "compile s"), ("fwd", "fwd steps"), ("bwd", "bwd steps"),
-    ], title=f"Final test accuracy over {seeds_text}; target accuracy "
+    ], title=f"Final {args.split} accuracy over {seeds_text}; target accuracy "
              + ", ".join(f"{d} {settings['datasets'][d]['target_accuracy']:.0%}" for d in results))
 
     targets = evaluate_targets(results, settings)
     print()
     for t in targets:
         print(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
-    comparisons = jacobian_comparisons(results)
+    comparisons = jacobian_comparisons(results, settings)
     for c in comparisons:
         print(f"INFO: {c['text']}")
     if any(large is not None for large in large_tests.values()):

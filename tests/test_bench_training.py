@@ -281,6 +281,7 @@ def test_jacobian_comparisons_report_both_twins():
            "digits": {"deq": agg(0.9)}}
     out = dve.jacobian_comparisons(res)
     assert [c["models"] for c in out] == [["deq_jr", "unrolled"], ["deq_jr", "unrolled_jr"]]
+    assert out[0]["text"].startswith("mnist1d (test): ")
     assert [c["within_1_point"] for c in out] == [True, False]
     assert "-2.00 points" in out[1]["text"]
     # A large-test-set accuracy is compared only where both models have one (merged old runs lack it).
@@ -305,6 +306,8 @@ def test_validation_run_writes_its_own_file(tmp_path, monkeypatch):
     assert set(saved["results"]["digits"]) == {"deq_jr", "unrolled_jr"} == set(data["results"]["digits"])
     assert saved["results"]["digits"]["unrolled_jr"]["runs"][0]["jac_penalty_epoch"][0] > 0
     assert [c["models"] for c in saved["comparisons"]] == [["deq_jr", "unrolled_jr"]]
+    # The texts name the split the accuracies come from.
+    assert saved["comparisons"][0]["text"].startswith("digits (validation): ")
     assert saved["targets"] == []  # the targets compare the plain DEQ, not trained here
 
 
