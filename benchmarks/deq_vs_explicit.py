@@ -33,7 +33,13 @@ Models (``deq.nn.models``; all share the encoder ``Linear(in, hidden)``, the cel
 * ``resnet``: ``ResNetClassifier.matched`` -- ``depth`` untied cells, width chosen so its
   parameter count is closest to the DEQ's (narrower than the DEQ);
 * ``resnet_wide`` (full profile only): ``ResNetClassifier`` at the DEQ's width (about
-  ``depth`` times the cell parameters).
+  ``depth`` times the cell parameters);
+* ``deq_contractive`` / ``unrolled_contractive`` (full profile only): the DEQ (same solver and
+  backward as ``deq``) and its tied unrolled twin with a provably contractive cell instead of
+  ``DenseCell``: ``deq.nn.ContractiveDense(hidden, hidden, **CONTRACTIVE)``, ``relu(z W + u U +
+  b)`` with ``||W||_2 <= 0.9`` guaranteed, so the fixed point exists and is unique for every
+  input (Banach) -- convergence by construction rather than by training practice. A single
+  layer, with slightly fewer parameters than ``DenseCell`` (no norms, no bottleneck).
 
 Why not the models' defaults (``default_solver()`` / ``default_backward()``, both capped at 30
 steps, adjoint ``rtol=1e-3``): on MNIST-1D they left the solves unconverged as training went
@@ -103,7 +109,8 @@ Targets (printed PASS/MISS, stored under ``targets``):
   reaches the 2x of Bai et al. 2021 (who report ~2-3x fewer function evaluations).
 
 Also printed (INFO, stored under ``comparisons``, not targets): DEQ + Jacobian reg. against the
-unrolled twin and against the unrolled twin trained with the same penalty.
+unrolled twin and against the unrolled twin trained with the same penalty; the contractive DEQ
+against its own unrolled twin, the default unrolled twin and the default DEQ.
 
 Timings are wall-clock on whatever machine runs the script; ``settings.load_average`` records
 the machine's load before and after, since other processes inflate wall times. Each run also
@@ -134,7 +141,7 @@ from flax import nnx
 import deq
 from benchmarks import _common as C
 from deq.data import load_cifar10, load_digits, load_mnist, load_mnist1d
-from deq.nn import solution_info
+from deq.nn import ContractiveDense, solution_info
 from deq.nn.models import (DEQClassifier, ResNetClassifier, UnrolledClassifier, count_params,
                            param_table)
 from deq.nn.models import _depth_info  # the unrolled twin's info, so both twins report alike
@@ -151,19 +158,25 @@ LABELS = {
     "unrolled_jr": "Unrolled + Jacobian reg.",
     "resnet": "ResNet (matched params)",
     "resnet_wide": "ResNet (equal width)",
+    "deq_contractive": "DEQ, contractive cell",
+    "unrolled_contractive": "Unrolled, contractive cell",
 }
 #: Plot colours per model.
 COLORS = {"deq": "C0", "deq_jr": "C2", "unrolled": "C1", "unrolled_jr": "C5", "resnet": "C3",
-          "resnet_wide": "C4"}
-DEQ_MODELS = ("deq", "deq_jr")
+          "resnet_wide": "C4", "deq_contractive": "C6", "unrolled_contractive": "C7"}
+DEQ_MODELS = ("deq", "deq_jr", "deq_contractive")
+#: Models whose cell is the provably contractive ``ContractiveDense`` (`CONTRACTIVE`).
+CONTRACTIVE_MODELS = ("deq_contractive", "unrolled_contractive")
 #: Models trained with the Jacobian penalty ``jac_reg``.
 JR_MODELS = ("deq_jr", "unrolled_jr")
-#: Models of each profile (the full profile adds the equal-width ResNet and the tied unrolled
-#: twin trained with the same Jacobian penalty as ``deq_jr``).
+#: Models of each profile (the full profile adds the equal-width ResNet, the tied unrolled
+#: twin trained with the same Jacobian penalty as ``deq_jr``, and the DEQ and unrolled twin with
+#: the contractive cell).
 KINDS = {
     "smoke": ("deq", "deq_jr", "unrolled", "resnet"),
     "quick": ("deq", "deq_jr", "unrolled", "resnet"),
-    "full": ("deq", "deq_jr", "unrolled", "unrolled_jr", "resnet", "resnet_wide"),
+    "full": ("deq", "deq_jr", "unrolled", "unrolled_jr", "resnet", "resnet_wide", "deq_contractive",
+             "unrolled_contractive"),
 }
 
 #: Weight ``gamma`` of the Jacobian penalty, every dataset and profile: chosen on the validation
@@ -172,6 +185,14 @@ KINDS = {
 #: twin with the penalty too; MNIST and CIFAR-10 were not validated). Results in
 #: ``benchmarks/results/validation/jac_reg_{2,5,10}/``; see the module docstring.
 JAC_REG = 5.0
+
+#: The contractive models' cell, ``deq.nn.ContractiveDense(hidden, hidden, **CONTRACTIVE)``:
+#: ``relu(z W + u U + b)`` with ``||W||_2 <= lipschitz`` proven (``norm_bound="exact"``: W is
+#: scaled by its largest singular value, an SVD per call), so every solve has a unique fixed
+#: point that plain iteration reaches. ``lipschitz`` chosen on the validation split from {0.9,
+#: 0.95, 0.99} by the DEQ's mean validation accuracy (full profile, seeds 0-2, digits and
+#: MNIST-1D; results in ``benchmarks/results/validation/lipschitz_*/``).
+CONTRACTIVE = dict(lipschitz=0.9, activation="relu", norm_bound="exact")
 
 #: Samples of the validation split of MNIST-1D: fresh signals from the generator with another
 #: seed, so the training split is unchanged. Other datasets hold out the last
@@ -218,6 +239,7 @@ def dataset_settings(profile: str, name: str) -> dict[str, Any]:
       (None = the whole split) and ``target_accuracy``.
     """
     base = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.0, jac_reg=JAC_REG, cell_hidden=None,
+                contractive=dict(CONTRACTIVE),
                 solver=dict(SOLVER), adjoint=dict(ADJOINT), num_train=None, num_test=None,
                 target_accuracy=TARGET_ACCURACY[name])
     if profile == "smoke":
@@ -393,6 +415,12 @@ def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
     n_in, h, k, n_cls = in_features(ds), st["hidden"], st["depth"], ds.num_classes
     ch = st.get("cell_hidden")
     rngs = nnx.Rngs(seed)
+    if kind in CONTRACTIVE_MODELS:  # the cell is built first, then the encoder and head
+        cell = ContractiveDense(h, h, rngs=rngs, **st["contractive"])
+        if kind == "unrolled_contractive":
+            return UnrolledClassifier(n_in, h, n_cls, depth=k, rngs=rngs, cell=cell)
+        solver, backward = deq_solvers(st)
+        return DEQClassifier(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward, cell=cell)
     if kind in DEQ_MODELS:
         solver, backward = deq_solvers(st)
         cls = DEQClassifier if kind == "deq" else JacRegDEQClassifier
@@ -725,25 +753,33 @@ def _split_of(settings: dict[str, Any] | None, dname: str) -> str:
     return ((settings or {}).get("datasets", {}).get(dname) or {}).get("split", "test")
 
 
-def jacobian_comparisons(results: dict[str, dict[str, Any]],
-                         settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Accuracy differences of the Jacobian-regularized models (reported, not targets).
+#: The comparisons reported besides the targets: each model against the models it is compared with.
+COMPARISONS = (
+    ("deq_jr", ("unrolled", "unrolled_jr")),
+    ("deq_contractive", ("unrolled_contractive", "unrolled", "deq")),
+)
 
-    For each dataset: DEQ + Jacobian reg. against the unrolled twin, and, when the unrolled
-    twin was also trained with the penalty (full profile), DEQ + Jacobian reg. against it, the
-    comparison in which both sides get the same regularizer. ``settings`` (the run's) names the
-    evaluated split in the texts.
+
+def model_comparisons(results: dict[str, dict[str, Any]],
+                      settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Accuracy differences of the DEQ variants (reported, not targets), per dataset.
+
+    DEQ + Jacobian reg. against the unrolled twin, and, when the unrolled twin was also trained
+    with the penalty (full profile), against it, the comparison in which both sides get the same
+    regularizer. The DEQ with the contractive cell against the same cell unrolled (its own twin),
+    the default cell unrolled, and the default DEQ. Only pairs with both models trained are
+    listed. ``settings`` (the run's) names the evaluated split in the texts.
     """
     out = []
     for dname, res in results.items():
-        if "deq_jr" not in res:
-            continue
-        pairs = _accuracy_pairs(res, "deq_jr", ("unrolled", "unrolled_jr"), _split_of(settings, dname))
-        for key, where, other, a, b in pairs:
-            out.append({"dataset": dname, "models": ["deq_jr", other], "accuracy": key,
-                        "text": f"{dname} ({where}): {LABELS['deq_jr']} {a:.2%} vs "
-                                f"{LABELS[other]} {b:.2%} ({(a - b) * 100:+.2f} points)",
-                        "difference": a - b, "within_1_point": bool(a - b >= -MATCH_TOL)})
+        for model, others in COMPARISONS:
+            if model not in res:
+                continue
+            for key, where, other, a, b in _accuracy_pairs(res, model, others, _split_of(settings, dname)):
+                out.append({"dataset": dname, "models": [model, other], "accuracy": key,
+                            "text": f"{dname} ({where}): {LABELS[model]} {a:.2%} vs "
+                                    f"{LABELS[other]} {b:.2%} ({(a - b) * 100:+.2f} points)",
+                            "difference": a - b, "within_1_point": bool(a - b >= -MATCH_TOL)})
     return out
 
 
@@ -854,8 +890,11 @@ def parse_args(argv=None):
                              f"{JAC_REG:g}, chosen on the validation split")
     parser.add_argument("--cell-hidden", type=int, default=None, metavar="WIDTH",
                         help="inner width of every model's cells (the DEQ's, the twins'; the "
-                             "param-matched ResNet is matched to the DEQ's new count); None: the "
-                             "state width `hidden`")
+                             "param-matched ResNet is matched to the DEQ's new count; the contractive "
+                             "cell has none); None: the state width `hidden`")
+    parser.add_argument("--lipschitz", type=float, default=None, metavar="L",
+                        help="proven Lipschitz bound of the contractive models' cell, in (0, 1); "
+                             f"None: {CONTRACTIVE['lipschitz']:g}, chosen on the validation split")
     parser.add_argument("--models", type=_model_list, default=argparse.SUPPRESS, metavar="LIST",
                         help="comma-separated models to train, from " + ",".join(LABELS) +
                              "; default: the profile's")
@@ -875,6 +914,8 @@ def parse_args(argv=None):
         args.models = list(KINDS[args.profile])
     if args.jac_reg is not None and not args.jac_reg > 0:
         parser.error(f"--jac-reg must be > 0, got {args.jac_reg}")
+    if args.lipschitz is not None and not 0 < args.lipschitz < 1:
+        parser.error(f"--lipschitz must lie in (0, 1) (a contraction), got {args.lipschitz}")
     if args.cell_hidden is not None and args.cell_hidden < 1:
         parser.error(f"--cell-hidden must be a positive integer, got {args.cell_hidden}")
     if "seeds" not in args:
@@ -1004,6 +1045,8 @@ def main(argv=None) -> dict[str, Any]:
             st["jac_reg"] = float(args.jac_reg)
         if args.cell_hidden is not None:
             st["cell_hidden"] = args.cell_hidden
+        if args.lipschitz is not None:
+            st["contractive"]["lipschitz"] = float(args.lipschitz)
         st["split"] = args.split
         loaded[dname] = (load_dataset(dname, st, mnist=args.mnist, cifar=args.cifar, split=args.split), st)
 
@@ -1097,7 +1140,7 @@ def main(argv=None) -> dict[str, Any]:
     print()
     for t in targets:
         print(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
-    comparisons = jacobian_comparisons(results, settings)
+    comparisons = model_comparisons(results, settings)
     for c in comparisons:
         print(f"INFO: {c['text']}")
     if any(large is not None for large in large_tests.values()):

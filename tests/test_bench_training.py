@@ -279,7 +279,7 @@ def test_jacobian_comparisons_report_both_twins():
 
     res = {"mnist1d": {"deq_jr": agg(0.63), "unrolled": agg(0.635), "unrolled_jr": agg(0.65)},
            "digits": {"deq": agg(0.9)}}
-    out = dve.jacobian_comparisons(res)
+    out = dve.model_comparisons(res)
     assert [c["models"] for c in out] == [["deq_jr", "unrolled"], ["deq_jr", "unrolled_jr"]]
     assert out[0]["text"].startswith("mnist1d (test): ")
     assert [c["within_1_point"] for c in out] == [True, False]
@@ -288,7 +288,7 @@ def test_jacobian_comparisons_report_both_twins():
     res["mnist1d"]["deq_jr"]["large_test_accuracy"] = {"mean": 0.62}
     res["mnist1d"]["unrolled_jr"]["large_test_accuracy"] = {"mean": None}
     res["mnist1d"]["unrolled"]["large_test_accuracy"] = {"mean": 0.64}
-    out = dve.jacobian_comparisons(res)
+    out = dve.model_comparisons(res)
     assert [(c["models"][1], c["accuracy"]) for c in out] == [
         ("unrolled", "final_accuracy"), ("unrolled_jr", "final_accuracy"), ("unrolled", "large_test_accuracy")]
 

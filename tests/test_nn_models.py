@@ -332,3 +332,41 @@ def test_conv_twins_param_counts_and_matching():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+def test_dense_models_take_another_cell():
+    """`cell=`: the DEQ and its unrolled twin share a given cell type; with a contraction the
+    DEQ converges on every sample, and the twin is exactly `depth` applications of the cell."""
+    from deq.nn import ContractiveDense
+
+    x = jax.random.normal(jax.random.key(0), (5, 12))
+    make_cell = lambda: ContractiveDense(16, 16, rngs=nnx.Rngs(1), lipschitz=0.5, activation="relu")  # noqa: E731
+    model = DEQClassifier(12, 16, 3, rngs=nnx.Rngs(0), cell=make_cell(),
+                          solver=deq.FixedPointIteration(rtol=0.0, atol=1e-6, max_steps=100))
+    twin = UnrolledClassifier(12, 16, 3, depth=4, rngs=nnx.Rngs(0), cell=make_cell())
+    assert isinstance(model.deq.cell, ContractiveDense) and isinstance(twin.cell, ContractiveDense)
+    assert _count(lambda: model) == _count(lambda: twin)
+    _, info = model(x)
+    assert float(info["converged_frac"]) == 1.0
+    # Same initial parameters, so the twin's z_4 is the cell applied four times from 0.
+    u = twin.encoder(x)
+    z = jnp.zeros((5, 16))
+    for _ in range(4):
+        z = twin.cell(z, u)
+    np.testing.assert_allclose(twin(x)[0], twin.head(z), rtol=1e-6)
+    np.testing.assert_allclose(model.head(z), twin(x)[0], rtol=1e-6)  # same init from the same keys
+
+
+def test_dense_models_cell_errors():
+    from deq.nn import ContractiveDense
+
+    cell = ContractiveDense(16, 16, rngs=nnx.Rngs(1))
+    for cls in (DEQClassifier, UnrolledClassifier):
+        with pytest.raises(ValueError, match=r"`cell_hidden`, `use_norm`.*cannot be combined with `cell`"):
+            cls(12, 16, 3, rngs=nnx.Rngs(0), cell=cell, cell_hidden=8, use_norm=False)
+        with pytest.raises(ValueError, match=r"`in_features` is 12.*ContractiveDense\(16, 16"):
+            cls(12, 16, 3, rngs=nnx.Rngs(0), cell=ContractiveDense(16, 12, rngs=nnx.Rngs(1)))
+        with pytest.raises(ValueError, match=r"`features` is 8"):
+            cls(12, 16, 3, rngs=nnx.Rngs(0), cell=ContractiveDense(8, 16, rngs=nnx.Rngs(1)))
+        with pytest.raises(TypeError, match="`cell` must be an nnx.Module"):
+            cls(12, 16, 3, rngs=nnx.Rngs(0), cell=lambda z, u: z)

@@ -148,6 +148,30 @@ def _depth_info(depth: int) -> dict:
     return {"depth": jnp.asarray(depth, jnp.int32)}
 
 
+def _dense_cell(owner: str, hidden: int, rngs: nnx.Rngs, cell, cell_hidden, use_norm, init_scale):
+    """The dense models' cell: `cell` if given (checked), else a `DenseCell` built from the rest."""
+    if cell is None:
+        return DenseCell(hidden, cell_hidden, rngs=rngs, use_norm=True if use_norm is None else use_norm,
+                         init_scale=0.1 if init_scale is None else init_scale)
+    given = [n for n, v in (("cell_hidden", cell_hidden), ("use_norm", use_norm), ("init_scale", init_scale))
+             if v is not None]
+    if given:
+        raise ValueError(
+            f"{owner}: {', '.join(f'`{n}`' for n in given)} configure the default DenseCell and cannot be "
+            f"combined with `cell`. Set them on the cell you pass, or drop `cell`."
+        )
+    if not isinstance(cell, nnx.Module) or not callable(cell):
+        raise TypeError(f"{owner}: `cell` must be an nnx.Module with __call__(z, u) -> z, got {type(cell).__name__}.")
+    for name in ("features", "in_features"):
+        size = getattr(cell, name, hidden)
+        if size != hidden:
+            raise ValueError(
+                f"{owner}: `cell` maps states of size hidden={hidden} with injections of the same size, "
+                f"but its `{name}` is {size}. Build it as e.g. ContractiveDense({hidden}, {hidden}, rngs=...)."
+            )
+    return cell
+
+
 # --------------------------------------------------------------------------------------------
 # Dense classifiers: DEQ, tied unrolled twin, untied ResNet twin.
 # --------------------------------------------------------------------------------------------
@@ -187,8 +211,11 @@ class DEQClassifier(_DenseBase):
       solver: forward solver (default `deq.nn.models.default_solver()`).
       backward: backward strategy (default `deq.nn.models.default_backward()`).
       eval_solver: solver in eval mode (`model.eval()`); None uses `solver`.
-      use_norm: passed to `DenseCell`.
-      init_scale: passed to `DenseCell`.
+      use_norm: passed to `DenseCell` (default True).
+      init_scale: passed to `DenseCell` (default 0.1).
+      cell: another cell `f(z, u)` to use instead of `DenseCell`, with states and injections of
+        size `hidden`, e.g. a provably contractive `deq.nn.ContractiveDense(hidden, hidden,
+        rngs=rngs)`; then `cell_hidden`, `use_norm` and `init_scale` must be left unset.
 
     Returns:
       Calling the model returns `(logits (B, num_classes), info)` with `info` from
@@ -203,15 +230,23 @@ class DEQClassifier(_DenseBase):
       >>> print(logits.shape, sorted(info))
       (4, 10) ['converged_frac', 'forward_steps', 'residual']
 
+      With a cell whose convergence is proven (a contraction in `z`, Lipschitz 0.9):
+
+      >>> from deq.nn import ContractiveDense
+      >>> cell = ContractiveDense(32, 32, rngs=nnx.Rngs(1), lipschitz=0.9, activation="relu")
+      >>> logits, info = DEQClassifier(64, 32, 10, rngs=nnx.Rngs(0), cell=cell)(jnp.ones((4, 64)))
+      >>> float(info["converged_frac"])
+      1.0
+
     References:
       Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, *, rngs: nnx.Rngs,
                  cell_hidden: int | None = None, solver=None, backward=None, eval_solver=None,
-                 use_norm: bool = True, init_scale: float = 0.1):
+                 use_norm: bool | None = None, init_scale: float | None = None, cell: nnx.Module | None = None):
         self._init_io("DEQClassifier", in_features, hidden, num_classes, rngs)
-        cell = DenseCell(hidden, cell_hidden, rngs=rngs, use_norm=use_norm, init_scale=init_scale)
+        cell = _dense_cell("DEQClassifier", hidden, rngs, cell, cell_hidden, use_norm, init_scale)
         self.deq = _make_deq(cell, solver, backward, eval_solver)
 
     def __call__(self, x):
@@ -235,8 +270,10 @@ class UnrolledClassifier(_DenseBase):
       depth: `K`, the number of applications of the cell.
       rngs: random key source.
       cell_hidden: inner width of the cell (default `hidden`).
-      use_norm: passed to `DenseCell`.
-      init_scale: passed to `DenseCell`.
+      use_norm: passed to `DenseCell` (default True).
+      init_scale: passed to `DenseCell` (default 0.1).
+      cell: another cell to use instead of `DenseCell`, as in `DEQClassifier` (the twin of a
+        `DEQClassifier` built with the same kind of cell).
 
     Returns:
       Calling the model returns `(logits (B, num_classes), {"depth": K})`.
@@ -252,11 +289,12 @@ class UnrolledClassifier(_DenseBase):
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, depth: int = 6, *, rngs: nnx.Rngs,
-                 cell_hidden: int | None = None, use_norm: bool = True, init_scale: float = 0.1):
+                 cell_hidden: int | None = None, use_norm: bool | None = None, init_scale: float | None = None,
+                 cell: nnx.Module | None = None):
         self._init_io("UnrolledClassifier", in_features, hidden, num_classes, rngs)
         _check_int("UnrolledClassifier", "depth", depth)
         self.depth = depth
-        self.cell = DenseCell(hidden, cell_hidden, rngs=rngs, use_norm=use_norm, init_scale=init_scale)
+        self.cell = _dense_cell("UnrolledClassifier", hidden, rngs, cell, cell_hidden, use_norm, init_scale)
 
     def __call__(self, x):
         return self.head(self._unroll(self._encode(x))), _depth_info(self.depth)
