@@ -242,7 +242,8 @@ def test_deq_vs_explicit_argument_errors(capsys):
 
     for argv, word in ((["--models", "deq,mlp"], "--models"), (["--models", "deq,deq"], "--models"),
                        (["--jac-reg", "0"], "--jac-reg"), (["--split", "train"], "--split"),
-                       (["--cell-hidden", "0"], "--cell-hidden")):
+                       (["--cell-hidden", "0"], "--cell-hidden"), (["--lipschitz", "1"], "--lipschitz"),
+                       (["--lipschitz", "0"], "--lipschitz")):
         with pytest.raises(SystemExit):
             dve.parse_args(["--profile", "smoke", *argv])
         assert word in capsys.readouterr().err
@@ -342,3 +343,39 @@ def test_cell_hidden_widens_every_model_alike():
     assert extra > 0
     assert params("unrolled", wide) - params("unrolled", st) == extra == params("deq_jr", wide) - params("deq_jr", st)
     assert abs(params("resnet", wide) / params("deq", wide) - 1) < 0.1  # matched to the new count
+
+
+def test_contractive_models_share_a_proven_contraction():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks import deq_vs_explicit as dve
+
+    ds = dve.load_dataset("digits", {"num_train": 8, "num_test": 8})
+    st = dve.dataset_settings("quick", "digits")
+    st["contractive"]["lipschitz"] = 0.5
+    deq_model = dve.build_model("deq_contractive", ds, st, 0)
+    twin = dve.build_model("unrolled_contractive", ds, st, 0)
+    for model, cell in ((deq_model, deq_model.deq.cell), (twin, twin.cell)):
+        assert isinstance(cell, dve.ContractiveDense) and cell.lipschitz_bound() == 0.5
+        assert float(jnp.linalg.norm(cell.weight, 2)) <= 0.5  # the proven bound holds for the weights
+    assert twin.depth == st["depth"]
+    # Same seed, same parameters: the twin is the DEQ's cell unrolled from the same initialisation.
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                        nnx.state(deq_model.deq.cell, nnx.Param), nnx.state(twin.cell, nnx.Param))
+    assert all(jax.tree.leaves(same))
+    assert dve.count_params(deq_model) == dve.count_params(twin) < dve.count_params(dve.build_model("deq", ds, st, 0))
+    _, info = deq_model(ds.x_test)
+    assert float(info["converged_frac"]) == 1.0
+
+
+def test_comparisons_of_the_contractive_deq():
+    from benchmarks import deq_vs_explicit as dve
+
+    res = {"digits": {k: {"final_accuracy": {"mean": a}} for k, a in
+                      (("deq", 0.97), ("unrolled", 0.99), ("deq_contractive", 0.975), ("unrolled_contractive", 0.95))}}
+    out = dve.model_comparisons(res)
+    assert [c["models"][1] for c in out] == ["unrolled_contractive", "unrolled", "deq"]
+    assert [round(c["difference"] * 100, 6) for c in out] == [2.5, -1.5, 0.5]
+    assert [c["within_1_point"] for c in out] == [True, False, True]
