@@ -370,3 +370,7 @@ def test_dense_models_cell_errors():
             cls(12, 16, 3, rngs=nnx.Rngs(0), cell=ContractiveDense(8, 16, rngs=nnx.Rngs(1)))
         with pytest.raises(TypeError, match="`cell` must be an nnx.Module"):
             cls(12, 16, 3, rngs=nnx.Rngs(0), cell=lambda z, u: z)
+        # A DenseCell passed in is used as given (no `in_features` attribute to check).
+        given = DenseCell(16, 4, rngs=nnx.Rngs(1))
+        model = cls(12, 16, 3, rngs=nnx.Rngs(0), cell=given)
+        assert (model.cell if cls is UnrolledClassifier else model.deq.cell) is given

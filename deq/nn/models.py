@@ -163,8 +163,8 @@ def _dense_cell(owner: str, hidden: int, rngs: nnx.Rngs, cell, cell_hidden, use_
     if not isinstance(cell, nnx.Module) or not callable(cell):
         raise TypeError(f"{owner}: `cell` must be an nnx.Module with __call__(z, u) -> z, got {type(cell).__name__}.")
     for name in ("features", "in_features"):
-        size = getattr(cell, name, hidden)
-        if size != hidden:
+        size = getattr(cell, name, None)
+        if size is not None and size != hidden:
             raise ValueError(
                 f"{owner}: `cell` maps states of size hidden={hidden} with injections of the same size, "
                 f"but its `{name}` is {size}. Build it as e.g. ContractiveDense({hidden}, {hidden}, rngs=...)."
