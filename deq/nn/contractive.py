@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.lax import linalg as lax_linalg
 
 __all__ = ["ContractiveDense", "spectral_norm_upper_bound"]
 
@@ -35,6 +36,56 @@ def _safe_sqrt(s):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
 
 
+def _svd(V, compute_uv):
+    """JAX's default SVD, redone by the QR-based algorithm where it returned non-finite values.
+
+    Training drives the top of a normalized weight's spectrum together, and on such a matrix
+    (128 x 128, float32, top singular values equal to 6 digits; met training on MNIST-1D) the
+    default CPU SVD (LAPACK's divide and conquer, gesdd) returned NaN singular vectors where the
+    QR-based one (gesvd, about twice as slow here) did not. The retry runs only when needed.
+    """
+    out = lax_linalg.svd(V, full_matrices=False, compute_uv=compute_uv)
+    outs = out if compute_uv else (out,)
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in outs]))
+    return jax.lax.cond(
+        ok, lambda: out,
+        lambda: lax_linalg.svd(V, full_matrices=False, compute_uv=compute_uv,
+                               algorithm=lax_linalg.SvdAlgorithm.QR))
+
+
+def _cheap_bound(V):
+    """min(Frobenius, Hölder) bound on `||V||_2` (see `spectral_norm_upper_bound`)."""
+    a = jnp.abs(V)
+    # Scale by the largest entry so the sum of squares neither underflows nor overflows.
+    m = jax.lax.stop_gradient(jnp.max(a))
+    m = jnp.where(m > 0, m, 1.0)
+    frob = m * _safe_sqrt(jnp.sum(jnp.square(V / m)))
+    holder = _safe_sqrt(jnp.max(jnp.sum(a, axis=0))) * _safe_sqrt(jnp.max(jnp.sum(a, axis=1)))
+    return frob, holder
+
+
+@jax.custom_jvp
+def _exact_norm(V):
+    """Largest singular value of `V`; the guaranteed cheap bound if the SVD fails (non-finite)."""
+    sigma = jnp.max(_svd(V, compute_uv=False))
+    return jnp.where(jnp.isfinite(sigma), sigma, jnp.minimum(*_cheap_bound(V)))
+
+
+@_exact_norm.defjvp
+def _exact_norm_jvp(primals, tangents):
+    # d sigma_1 = u_1^T dV v_1 for the leading singular pair: no 1 / (s_i - s_j) terms, so a
+    # repeated largest singular value gives a valid (sub)gradient instead of NaN.
+    (V,), (dV,) = primals, tangents
+    U, s, Vh = _svd(V, compute_uv=True)
+    k = jnp.argmax(s)
+    ok = jnp.isfinite(s[k]) & jnp.all(jnp.isfinite(U[:, k])) & jnp.all(jnp.isfinite(Vh[k]))
+    # Zero the vectors of a failed SVD before use: NaN * 0 would leak into reverse mode.
+    u1, v1 = jnp.where(ok, U[:, k], 0.0), jnp.where(ok, Vh[k], 0.0)
+    exact_dot = u1 @ dV @ v1
+    cheap, cheap_dot = jax.jvp(lambda A: jnp.minimum(*_cheap_bound(A)), (V,), (dV,))
+    return (jnp.where(ok, s[k], cheap), jnp.where(ok, exact_dot, cheap_dot))
+
+
 def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
     r"""A guaranteed upper bound on the spectral norm `||V||_2` of a matrix.
 
@@ -50,7 +101,9 @@ def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
     Args:
       V: a 2-D array.
       method: "min" (the smaller of the two bounds, default), "frobenius", "holder", or
-        "exact" (the largest singular value via an SVD: `O(n^3)`, exact up to rounding).
+        "exact" (the largest singular value via an SVD: `O(n^3)`, exact up to rounding; its
+        gradient `u_1 v_1^T` stays finite when the largest singular value is repeated, and if
+        the SVD fails the "min" bound is returned instead, so the result is always a bound).
 
     Returns:
       A scalar upper bound on `||V||_2`.
@@ -73,13 +126,8 @@ def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
     if jnp.ndim(V) != 2:
         raise ValueError(f"spectral_norm_upper_bound: `V` must be a 2-D matrix, got shape {jnp.shape(V)}.")
     if method == "exact":
-        return jnp.linalg.norm(V, 2)
-    a = jnp.abs(V)
-    # Scale by the largest entry so the sum of squares neither underflows nor overflows.
-    m = jax.lax.stop_gradient(jnp.max(a))
-    m = jnp.where(m > 0, m, 1.0)
-    frob = m * _safe_sqrt(jnp.sum(jnp.square(V / m)))
-    holder = _safe_sqrt(jnp.max(jnp.sum(a, axis=0))) * _safe_sqrt(jnp.max(jnp.sum(a, axis=1)))
+        return _exact_norm(V)
+    frob, holder = _cheap_bound(V)
     if method == "frobenius":
         return frob
     if method == "holder":
