@@ -16,6 +16,15 @@ whole test split with the per-call solver override of ``deq.nn.DEQ``
   iteration ``z_{k+1} = f(z_k, u)`` from ``z_0 = 0`` (budget ``k`` is the DEQ's own cell applied
   ``k`` times, unless it stops early).
 
+The full profile also trains the DEQ with the provably contractive cell (``deq_contractive``,
+Lipschitz bound ``L`` < 1). For it every budget also reports what is *guaranteed*
+(`eval_certified`): ``deq.certify``'s bound on the distance to the exact fixed point,
+``||z - z*|| <= ||f(z) - z|| / (1 - L)`` (median over samples, absolute and relative to
+``||z||``), and the fraction of test predictions certified to equal the exact equilibrium's (the
+logit margin exceeds the most the bound lets it move through the linear head); and the same
+guarantees after solves to relative tolerances ``CERTIFY_RTOLS`` (1e-3 to 1e-6, ``atol=0``):
+``certified_by_tolerance``, printed as a second table.
+
 An explicit network has one fixed depth: the twins are shown as a horizontal line and a point at
 ``K``. For reference the tied unrolled twin (trained at depth ``K``) is also run for ``k`` steps
 (``unrolled_any_depth``), which it was not trained for.
@@ -51,6 +60,11 @@ NAME = "inference"
 RTOL, ATOL = 1e-3, 1e-5
 SOLVERS = {"anderson": deq.Anderson, "fixed_point_iteration": deq.FixedPointIteration}
 SOLVER_LABELS = {"anderson": "Anderson", "fixed_point_iteration": "fixed-point iteration"}
+#: Relative tolerances of the certification sweep of the contractive DEQ (``atol=0``,
+#: ``max_steps=CERTIFY_MAX_STEPS``): how tight a solve must be for its guarantees to settle
+#: every prediction.
+CERTIFY_RTOLS = (1e-3, 1e-4, 1e-5, 1e-6)
+CERTIFY_MAX_STEPS = 500
 
 
 @nnx.jit(static_argnames=("solver",))
@@ -63,6 +77,42 @@ def eval_deq(model, x, y, solver):
         "accuracy": jnp.mean(correct), "loss": jnp.mean(losses),
         "mean_steps": jnp.mean(sol.stats.num_steps.astype(jnp.float32)),
         "converged_frac": jnp.mean(sol.stats.converged.astype(jnp.float32)),
+    }
+
+
+@nnx.jit(static_argnames=("solver",))
+def eval_certified(model, x, y, solver):
+    """`eval_deq` plus guarantees, for a DEQ whose cell has a proven Lipschitz bound ``L < 1``.
+
+    ``deq.certify`` bounds each sample's distance to its exact fixed point,
+    ``||z - z*|| <= ||f(z) - z|| / (1 - L)``. The head is linear (``logits = z V + c``), so the
+    predicted class ``t`` is certified to be the exact equilibrium's when, for every other class
+    ``j``, the logit margin ``l_t - l_j`` exceeds ``bound * ||V[:, t] - V[:, j]||`` (the most the
+    margin can move within the bound). Returns, besides `eval_deq`'s metrics,
+    ``certified_bound_median`` and ``certified_relative_bound_median`` (the bound over ``||z||``,
+    medians over samples) and ``certified_prediction_frac``.
+    """
+    u = model._encode(x)
+    cell = model.deq.cell
+    sol = model.deq(u, return_solution=True, solver=solver)
+    z = sol.value
+    graphdef, state = nnx.split(cell)
+    cert = deq.certify(lambda z_, u_: nnx.merge(graphdef, state)(z_, u_), z, u,
+                       lipschitz=cell.lipschitz_bound(), batch_axis=0)
+    logits = model.head(z)
+    losses, correct = cross_entropy(logits, y)
+    top = jnp.argmax(logits, axis=-1)
+    V = model.head.kernel[...]  # (hidden, classes)
+    spread = jnp.linalg.norm(V[:, top].T[:, :, None] - V[None], axis=1)  # (B, classes): ||V_t - V_j||
+    margin = jnp.take_along_axis(logits, top[:, None], axis=-1) - logits
+    safe = (margin > cert.error_bound[:, None] * spread) | (jnp.arange(logits.shape[-1]) == top[:, None])
+    return {
+        "accuracy": jnp.mean(correct), "loss": jnp.mean(losses),
+        "mean_steps": jnp.mean(sol.stats.num_steps.astype(jnp.float32)),
+        "converged_frac": jnp.mean(sol.stats.converged.astype(jnp.float32)),
+        "certified_bound_median": jnp.median(cert.error_bound),
+        "certified_relative_bound_median": jnp.median(cert.error_bound / jnp.linalg.norm(z, axis=-1)),
+        "certified_prediction_frac": jnp.mean(jnp.all(safe, axis=-1).astype(jnp.float32)),
     }
 
 
@@ -115,7 +165,8 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
     plan = C.pick(profile, smoke={"deq": ["anderson"]},
                   quick={"deq": ["anderson", "fixed_point_iteration"], "deq_jr": ["anderson"]},
                   full={"deq": ["anderson", "fixed_point_iteration"],
-                        "deq_jr": ["anderson", "fixed_point_iteration"]})
+                        "deq_jr": ["anderson", "fixed_point_iteration"],
+                        "deq_contractive": ["anderson", "fixed_point_iteration"]})
     # The smoke profile (CI) trains only the DEQ and its tied twin: every compilation costs seconds.
     kinds = list(plan) + C.pick(profile, smoke=["unrolled"], quick=["unrolled", "resnet"],
                                 full=["unrolled", "resnet"])
@@ -138,7 +189,19 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
     for kind, sname, b in C.progress(jobs, desc=f"{dname}: budgets"):
         solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=b)
         metrics, timing = _timed(eval_deq, models[kind], x, y, solver, repeats=repeats)
+        if kind in DVE.CONTRACTIVE_MODELS:  # the guarantees, computed apart so timings stay comparable
+            certified = jax.device_get(eval_certified(models[kind], x, y, solver))
+            metrics.update({k: float(v) for k, v in certified.items() if k.startswith("certified_")})
         sweep.setdefault(kind, {}).setdefault(sname, []).append({"max_steps": b, **metrics, **timing})
+
+    certified: dict[str, Any] = {}
+    for kind in [k for k in plan if k in DVE.CONTRACTIVE_MODELS]:
+        for sname in plan[kind]:
+            for rtol in CERTIFY_RTOLS:
+                solver = SOLVERS[sname](rtol=rtol, atol=0.0, max_steps=CERTIFY_MAX_STEPS)
+                out = jax.device_get(eval_certified(models[kind], x, y, solver))
+                certified.setdefault(kind, {}).setdefault(sname, []).append(
+                    {"rtol": rtol, **{k: float(v) for k, v in out.items()}})
 
     explicit = {}
     for kind in [k for k in kinds if k not in DVE.DEQ_MODELS]:
@@ -154,7 +217,7 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
     settings = {**st, "num_train": len(ds.x_train), "num_test": len(ds.x_test), "budgets": budgets,
                 "repeats": repeats, "solvers_per_model": plan}
     return {"models": trained, "sweep": sweep, "explicit": explicit, "unrolled_any_depth": tied,
-            "summary": summary}, settings
+            "certified_by_tolerance": certified, "summary": summary}, settings
 
 
 def _first_budget(points: list[dict[str, Any]], level: float) -> int | None:
@@ -256,6 +319,19 @@ def main(argv=None) -> dict[str, Any]:
         ("fixed", "acc at own depth"),
         ("b_best", "budget: within 1pt of best"), ("b_unr", "budget: ≥ unrolled-1pt"), ("b_res", "budget: ≥ ResNet-1pt"),
     ], title="Test accuracy at a forward solver-step budget (max_steps; mean steps used in parentheses)")
+    cert_rows = [{"dataset": dname, "model": f"{DVE.LABELS[kind]}, {SOLVER_LABELS[sname]}", "rtol": f"{p['rtol']:g}",
+                  "steps": p["mean_steps"], "acc": f"{p['accuracy']:.2%}", "bound": f"{p['certified_relative_bound_median']:.1e}",
+                  "certified": f"{p['certified_prediction_frac']:.2%}"}
+                 for dname, res in results.items() for kind, per in res["certified_by_tolerance"].items()
+                 for sname, points in per.items() for p in points]
+    cert_table = None
+    if cert_rows:
+        print()
+        cert_table = C.print_table(cert_rows, [
+            "dataset", "model", ("rtol", "solver rtol"), ("steps", "mean steps"), ("acc", "test acc"),
+            ("bound", "median ||z - z*|| / ||z|| bound"), ("certified", "predictions certified"),
+        ], title="Contractive DEQ: guaranteed distance to the exact fixed point and predictions certified "
+                 "to be the exact equilibrium's, against the solver tolerance")
 
     figures = {}
     if not args.no_plot:
@@ -269,7 +345,7 @@ def main(argv=None) -> dict[str, Any]:
         "settings": {"profile": args.profile, "seed": args.seed, "datasets": per_settings,
                      "solver_tolerances": {"rtol": RTOL, "atol": ATOL},
                      "load_average": {"before": load_before, "after": os.getloadavg()}},
-        "results": results, "summary_table": table, "figures": figures,
+        "results": results, "summary_table": table, "certified_table": cert_table, "figures": figures,
         "run_time_s": time.perf_counter() - started,
         "cpu_time_s": time.process_time() - cpu_started,
     }

@@ -379,3 +379,36 @@ def test_comparisons_of_the_contractive_deq():
     assert [c["models"][1] for c in out] == ["unrolled_contractive", "unrolled", "deq"]
     assert [round(c["difference"] * 100, 6) for c in out] == [2.5, -1.5, 0.5]
     assert [c["within_1_point"] for c in out] == [True, False, True]
+
+
+def test_inference_certificates_of_the_contractive_deq_hold():
+    """`eval_certified`'s guarantees against a near-exact solve: the bound covers the true
+    distance to z*, and a prediction certified at a loose budget is the exact equilibrium's."""
+    import jax.numpy as jnp
+
+    import deq
+    from benchmarks import deq_vs_explicit as dve
+    from benchmarks import inference
+
+    ds = dve.load_dataset("digits", {"num_train": 64, "num_test": 200})
+    st = dve.dataset_settings("smoke", "digits")
+    st["contractive"]["lipschitz"] = 0.6
+    model = dve.build_model("deq_contractive", ds, st, 0)
+    x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    u = model._encode(x)
+    z_star = model.deq(u, solver=deq.FixedPointIteration(rtol=0.0, atol=1e-7, max_steps=2000))
+    exact_pred = jnp.argmax(model.head(z_star), -1)
+    previous = -1.0
+    for steps in (1, 2, 4, 8, 60):
+        solver = deq.FixedPointIteration(rtol=0.0, atol=1e-12, max_steps=steps)
+        out = inference.eval_certified(model, x, y, solver)
+        z = model.deq(u, solver=solver)
+        # elementwise bound >= distance implies the same for the medians (up to float32 rounding,
+        # which the certificate does not cover: a residual that rounds to 0 gives a 0 bound)
+        distance = float(jnp.median(jnp.linalg.norm(z - z_star, axis=-1)))
+        assert float(out["certified_bound_median"]) + 1e-6 >= distance
+        agree = float(jnp.mean(jnp.argmax(model.head(z), -1) == exact_pred))
+        assert float(out["certified_prediction_frac"]) <= agree  # certified predictions agree
+        assert float(out["certified_prediction_frac"]) >= previous  # more steps certify more
+        previous = float(out["certified_prediction_frac"])
+    assert previous == 1.0 and float(out["certified_relative_bound_median"]) < 1e-4
