@@ -73,8 +73,9 @@ def _exact_norm(V):
 
 @_exact_norm.defjvp
 def _exact_norm_jvp(primals, tangents):
-    # d sigma_1 = u_1^T dV v_1 for the leading singular pair: no 1 / (s_i - s_j) terms, so a
-    # repeated largest singular value gives a valid (sub)gradient instead of NaN.
+    # d sigma_1 = u_1^T dV v_1 for the leading singular pair (any pair of a repeated largest
+    # singular value gives a valid subgradient), from the SVD with the QR retry, and the cheap
+    # bound's derivative where even that failed.
     (V,), (dV,) = primals, tangents
     U, s, Vh = _svd(V, compute_uv=True)
     k = jnp.argmax(s)
@@ -101,9 +102,10 @@ def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
     Args:
       V: a 2-D array.
       method: "min" (the smaller of the two bounds, default), "frobenius", "holder", or
-        "exact" (the largest singular value via an SVD: `O(n^3)`, exact up to rounding; its
-        gradient `u_1 v_1^T` stays finite when the largest singular value is repeated, and if
-        the SVD fails the "min" bound is returned instead, so the result is always a bound).
+        "exact" (the largest singular value via an SVD: `O(n^3)`, exact up to rounding; an SVD
+        that returns non-finite values is redone by the QR-based algorithm, and if that fails
+        too the "min" bound is returned instead, so value and gradient stay finite and the
+        result is always a bound).
 
     Returns:
       A scalar upper bound on `||V||_2`.
