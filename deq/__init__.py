@@ -27,6 +27,7 @@ from .regularize import fixed_point_correction as fixed_point_correction
 from .regularize import jacobian_frobenius as jacobian_frobenius
 from .regularize import jacobian_penalty as jacobian_penalty
 from .certify import Certificate as Certificate
+from .certify import certified_argmax as certified_argmax
 from .certify import certify as certify
 from .certify import certify_estimate as certify_estimate
 from .certify import lipschitz_estimate as lipschitz_estimate

@@ -28,6 +28,7 @@ from .regularize import _check_batch_axis, _check_f, _check_key, _check_z, _scal
 
 __all__ = [
     "Certificate",
+    "certified_argmax",
     "certify",
     "certify_estimate",
     "lipschitz_estimate",
@@ -358,3 +359,50 @@ def certify_estimate(f: Callable, sol: Any, args: Any = None, *, key: jax.Array,
     res = _residual_norm(f, z, args, batch_axis)
     bound, L = _bound(res, jax.lax.stop_gradient(L))
     return Certificate(error_bound=bound, lipschitz=L, residual_norm=res, guaranteed=False)
+
+
+def certified_argmax(logits: jax.Array, kernel: jax.Array, error_bound: Any) -> jax.Array:
+    r"""Which argmax predictions of a linear head are certified to be the exact fixed point's.
+
+    For a state `z` with `||z - z*|| <= e` (e.g. `certify(...).error_bound`) and a linear head
+    `logits = z V + c`, the margin of the predicted class `t` over a class `j` can move by at
+    most `e ||V_t - V_j||` between `z` and `z*` (Cauchy-Schwarz), so the prediction is certified
+    to equal the one at `z*` when
+
+    .. math:: l_t - l_j > e \, \|V_{:,t} - V_{:,j}\|_2 \quad \text{for every } j \ne t.
+
+    Args:
+      logits: `(B, classes)` logits of the head at `z`.
+      kernel: the head's `(features, classes)` weight `V` (e.g. `nnx.Linear.kernel[...]`).
+      error_bound: `(B,)` (or scalar) bounds on `||z - z*||` per sample.
+
+    Returns:
+      A `(B,)` boolean array: True where the predicted class provably equals the exact fixed
+      point's (under a guaranteed bound; with `certify_estimate`'s bound, only as good as it).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq.certify import certified_argmax
+      >>> V = jnp.eye(2)                             # logits = z
+      >>> logits = jnp.array([[1.0, 0.0], [0.51, 0.49]])
+      >>> certified_argmax(logits, V, jnp.array([0.1, 0.1])).tolist()
+      [True, False]
+
+    References:
+      Revay, Wang & Manchester, "Lipschitz bounded equilibrium networks", 2020 (certified
+      robustness of equilibrium networks through Lipschitz bounds).
+    """
+    logits, kernel = jnp.asarray(logits), jnp.asarray(kernel)
+    if logits.ndim != 2:
+        raise ValueError(f"certified_argmax: `logits` must have shape (B, classes), got {logits.shape}.")
+    if kernel.ndim != 2 or kernel.shape[1] != logits.shape[1]:
+        raise ValueError(
+            f"certified_argmax: `kernel` must have shape (features, {logits.shape[1]}) to match the "
+            f"logits' classes, got {kernel.shape}. Pass the head's weight, e.g. head.kernel[...]."
+        )
+    bound = jnp.broadcast_to(jnp.asarray(error_bound, logits.dtype), logits.shape[:1])
+    top = jnp.argmax(logits, axis=-1)
+    spread = jnp.linalg.norm(kernel[:, top].T[:, :, None] - kernel[None], axis=1)  # (B, classes)
+    margin = jnp.take_along_axis(logits, top[:, None], axis=-1) - logits
+    safe = (margin > bound[:, None] * spread) | (jnp.arange(logits.shape[1]) == top[:, None])
+    return jnp.all(safe, axis=-1)

@@ -185,3 +185,35 @@ def test_validation(fn, kwargs, exc, match):
     f = lambda z, a: 0.5 * z + a
     with pytest.raises(exc, match=match):
         fn(f, jnp.zeros(2), jnp.ones(2), **kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), bound=st.floats(0.0, 2.0))
+def test_certified_argmax_is_exact_for_a_linear_head(seed, bound):
+    """Certified <=> no state within the bound changes the prediction (the worst case for each
+    rival class j is the step of length `bound` along V_j - V_t)."""
+    key = jax.random.key(seed)
+    z = jax.random.normal(key, (16, 5))
+    V = jax.random.normal(jax.random.fold_in(key, 1), (5, 4))
+    c = jax.random.normal(jax.random.fold_in(key, 2), (4,))
+    logits = z @ V + c
+    certified = deq.certified_argmax(logits, V, jnp.full((16,), bound))
+    top = jnp.argmax(logits, -1)
+    for b in range(16):
+        t = int(top[b])
+        worst = []
+        for j in range(4):
+            if j == t:
+                continue
+            d = V[:, j] - V[:, t]
+            z_adv = z[b] + bound * d / jnp.linalg.norm(d)  # ||z_adv - z|| = bound
+            worst.append(float((z_adv @ V + c)[t] - (z_adv @ V + c)[j]))
+        # certified: every worst case keeps t strictly ahead; not certified: some rival catches up
+        assert bool(certified[b]) == (min(worst) > 1e-9 * (1 + abs(min(worst)))) or abs(min(worst)) < 1e-9
+
+
+def test_certified_argmax_errors():
+    with pytest.raises(ValueError, match=r"`logits` must have shape \(B, classes\)"):
+        deq.certified_argmax(jnp.zeros(3), jnp.zeros((2, 3)), 0.1)
+    with pytest.raises(ValueError, match=r"`kernel` must have shape \(features, 3\).*head.kernel"):
+        deq.certified_argmax(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0.1)
