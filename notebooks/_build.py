@@ -983,6 +983,45 @@ plt.show()
 # cost one extra cell evaluation (plus the power iteration for the estimate) at solve time.
 # Attach one to a solution with `cert.attach(sol)` to fill `sol.stats.error_bound`.
 #
+# ## From a certified state to a certified prediction
+#
+# A classifier's output is a class, not a state. With a linear head `logits = z V + c`, the
+# margin of the predicted class `t` over a class `j` moves by at most `e ||V_t - V_j||` when `z`
+# moves by `e`, so a prediction whose every margin exceeds that is *proven* to be the exact
+# equilibrium's: `deq.certified_argmax(logits, V, cert.error_bound)`. Below, a small DEQ
+# classifier with a contractive cell (`DEQClassifier(..., cell=ContractiveDense(...))`) is trained
+# on digits for a few epochs, then solved to looser and tighter tolerances: how many test
+# predictions can it prove?
+
+# %%
+from deq.data import load_digits
+from deq.nn.models import DEQClassifier
+from deq.train import TrainConfig, fit
+
+digits = load_digits()
+clf = DEQClassifier(64, 32, 10, rngs=nnx.Rngs(5),
+                    cell=deq.nn.ContractiveDense(32, 32, lipschitz=0.9, activation="relu", rngs=nnx.Rngs(6)))
+history = fit(clf, digits, TrainConfig(learning_rate=3e-3, epochs=8, batch_size=64, progress=False))
+print(f"test accuracy after training: {history.test_accuracy:.2%}")
+
+x_test, y_test = jnp.asarray(digits.x_test), jnp.asarray(digits.y_test)
+u_test = clf._encode(x_test)
+head_cell = clf.deq.cell
+for rtol in (1e-2, 1e-3, 1e-4, 1e-5):
+    sol = clf.deq(u_test, solver=deq.Anderson(rtol=rtol, atol=0.0, max_steps=200), return_solution=True)
+    cert = deq.certify(head_cell, sol, u_test, lipschitz=head_cell, batch_axis=0)
+    logits = clf.head(sol.value)
+    certified = deq.certified_argmax(logits, clf.head.kernel[...], cert.error_bound)
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
+    print(f"rtol {rtol:.0e}: {float(jnp.mean(sol.stats.num_steps)):5.1f} Anderson steps, accuracy {accuracy:.2%}, "
+          f"median bound {float(jnp.median(cert.error_bound)):.1e}, predictions certified {float(jnp.mean(certified)):.1%}")
+
+# %% [markdown]
+# The accuracy barely moves with the tolerance, but the *proof* does: a few more solver steps
+# turn "probably the equilibrium's answer" into "certainly the equilibrium's answer" for every
+# test sample. `benchmarks/inference.py` measures the same on digits and MNIST-1D
+# (all predictions certified after about 19 Anderson steps).
+#
 # **What to take away.** When a forward solve must not fail (safety-critical inference,
 # adversarial inputs, large learning rates), build the guarantee into the layer:
 # `ContractiveDense` gives convergence of any solver and an a-posteriori error certificate;
