@@ -379,6 +379,8 @@ def certified_argmax(logits: jax.Array, kernel: jax.Array, error_bound: Any) -> 
     Returns:
       A `(B,)` boolean array: True where the predicted class provably equals the exact fixed
       point's (under a guaranteed bound; with `certify_estimate`'s bound, only as good as it).
+      A non-finite bound certifies nothing. The class-pair distances take `features x classes^2`
+      memory, independent of the batch.
 
     Example:
       >>> import jax.numpy as jnp
@@ -402,7 +404,8 @@ def certified_argmax(logits: jax.Array, kernel: jax.Array, error_bound: Any) -> 
         )
     bound = jnp.broadcast_to(jnp.asarray(error_bound, logits.dtype), logits.shape[:1])
     top = jnp.argmax(logits, axis=-1)
-    spread = jnp.linalg.norm(kernel[:, top].T[:, :, None] - kernel[None], axis=1)  # (B, classes)
+    pairs = jnp.linalg.norm(kernel[:, :, None] - kernel[:, None, :], axis=0)  # (classes, classes)
+    spread = pairs[top]  # (B, classes): ||V_t - V_j|| for each sample's predicted class t
     margin = jnp.take_along_axis(logits, top[:, None], axis=-1) - logits
     safe = (margin > bound[:, None] * spread) | (jnp.arange(logits.shape[1]) == top[:, None])
     return jnp.all(safe, axis=-1)

@@ -217,3 +217,11 @@ def test_certified_argmax_errors():
         deq.certified_argmax(jnp.zeros(3), jnp.zeros((2, 3)), 0.1)
     with pytest.raises(ValueError, match=r"`kernel` must have shape \(features, 3\).*head.kernel"):
         deq.certified_argmax(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0.1)
+
+
+def test_certified_argmax_zero_and_non_finite_bounds():
+    logits = jnp.array([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # the second sample is a tie
+    V = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    assert deq.certified_argmax(logits, V, 0.0).tolist() == [True, False]  # exact state: ties stay uncertified
+    for bad in (jnp.inf, jnp.nan):
+        assert deq.certified_argmax(logits, V, jnp.array([bad, 0.0])).tolist() == [False, False]
