@@ -421,19 +421,17 @@ def build_model(kind: str, ds, st: dict[str, Any], seed: int) -> nnx.Module:
     n_in, h, k, n_cls = in_features(ds), st["hidden"], st["depth"], ds.num_classes
     ch = st.get("cell_hidden")
     rngs = nnx.Rngs(seed)
-    if kind in CONTRACTIVE_MODELS:  # the cell is built first, then the encoder and head
-        cell = ContractiveDense(h, h, rngs=rngs, **st["contractive"])
-        if kind == "unrolled_contractive":
-            return UnrolledClassifier(n_in, h, n_cls, depth=k, rngs=rngs, cell=cell)
-        solver, backward = deq_solvers(st)
-        return DEQClassifier(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward, cell=cell)
+    # The DEQs and their tied twins: the default DenseCell (of inner width ``ch``), or the
+    # contractive cell, built first from the same key stream, then the encoder and head.
+    cell = ({"cell": ContractiveDense(h, h, rngs=rngs, **st["contractive"])} if kind in CONTRACTIVE_MODELS
+            else {"cell_hidden": ch})
     if kind in DEQ_MODELS:
         solver, backward = deq_solvers(st)
-        cls = DEQClassifier if kind == "deq" else JacRegDEQClassifier
-        return cls(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward, cell_hidden=ch)
-    if kind in ("unrolled", "unrolled_jr"):
-        cls = UnrolledClassifier if kind == "unrolled" else JacRegUnrolledClassifier
-        return cls(n_in, h, n_cls, depth=k, rngs=rngs, cell_hidden=ch)
+        cls = JacRegDEQClassifier if kind == "deq_jr" else DEQClassifier
+        return cls(n_in, h, n_cls, rngs=rngs, solver=solver, backward=backward, **cell)
+    if kind in ("unrolled", "unrolled_jr", "unrolled_contractive"):
+        cls = JacRegUnrolledClassifier if kind == "unrolled_jr" else UnrolledClassifier
+        return cls(n_in, h, n_cls, depth=k, rngs=rngs, **cell)
     if kind == "resnet":
         target = count_params(nnx.eval_shape(
             lambda: DEQClassifier(n_in, h, n_cls, rngs=nnx.Rngs(0), cell_hidden=ch)))

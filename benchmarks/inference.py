@@ -67,17 +67,24 @@ CERTIFY_RTOLS = (1e-3, 1e-4, 1e-5, 1e-6)
 CERTIFY_MAX_STEPS = 500
 
 
-@nnx.jit(static_argnames=("solver",))
-def eval_deq(model, x, y, solver):
-    """Test metrics of a DEQ classifier solved with ``solver`` (per-call override)."""
+def _deq_metrics(model, x, y, solver):
+    """``(metrics, u, sol, logits)`` of a DEQ classifier solved with ``solver`` (not jitted)."""
     u = model._encode(x)
     sol = model.deq(u, return_solution=True, solver=solver)
-    losses, correct = cross_entropy(model.head(sol.value), y)
-    return {
+    logits = model.head(sol.value)
+    losses, correct = cross_entropy(logits, y)
+    metrics = {
         "accuracy": jnp.mean(correct), "loss": jnp.mean(losses),
         "mean_steps": jnp.mean(sol.stats.num_steps.astype(jnp.float32)),
         "converged_frac": jnp.mean(sol.stats.converged.astype(jnp.float32)),
     }
+    return metrics, u, sol, logits
+
+
+@nnx.jit(static_argnames=("solver",))
+def eval_deq(model, x, y, solver):
+    """Test metrics of a DEQ classifier solved with ``solver`` (per-call override)."""
+    return _deq_metrics(model, x, y, solver)[0]
 
 
 @nnx.jit(static_argnames=("solver",))
@@ -92,20 +99,14 @@ def eval_certified(model, x, y, solver):
     ``certified_bound_median`` and ``certified_relative_bound_median`` (the bound over ``||z||``,
     medians over samples) and ``certified_prediction_frac``.
     """
-    u = model._encode(x)
-    cell = model.deq.cell
-    sol = model.deq(u, return_solution=True, solver=solver)
-    z = sol.value
+    metrics, u, sol, logits = _deq_metrics(model, x, y, solver)
+    cell, z = model.deq.cell, sol.value
     graphdef, state = nnx.split(cell)
     cert = deq.certify(lambda z_, u_: nnx.merge(graphdef, state)(z_, u_), z, u,
                        lipschitz=cell.lipschitz_bound(), batch_axis=0)
-    logits = model.head(z)
-    losses, correct = cross_entropy(logits, y)
     certified = deq.certified_argmax(logits, model.head.kernel[...], cert.error_bound)
     return {
-        "accuracy": jnp.mean(correct), "loss": jnp.mean(losses),
-        "mean_steps": jnp.mean(sol.stats.num_steps.astype(jnp.float32)),
-        "converged_frac": jnp.mean(sol.stats.converged.astype(jnp.float32)),
+        **metrics,
         "certified_bound_median": jnp.median(cert.error_bound),
         "certified_relative_bound_median": jnp.median(cert.error_bound / jnp.linalg.norm(z, axis=-1)),
         "certified_prediction_frac": jnp.mean(certified.astype(jnp.float32)),
