@@ -87,7 +87,8 @@ and evaluates on a validation split instead of the test split (MNIST-1D: 2,000 f
 from the generator with seed 1, the training split unchanged; the other datasets: the last 20%
 of the training split, left out of training) and writes ``deq_vs_explicit_validation.json``;
 ``--jac-reg GAMMA`` overrides ``gamma``, ``--cell-hidden WIDTH`` the cells' inner width (every
-model's; default the state width ``hidden``) and ``--models`` picks the models. ``JAC_REG`` came
+model's; default the state width ``hidden``), ``--learning-rate LR`` / ``--weight-decay WD`` every
+model's optimizer, and ``--models`` picks the models. ``JAC_REG`` came
 from these runs (full profile, seeds 0-2, digits and MNIST-1D; ``gamma`` 2 also trained the
 plain DEQ and twin, as ``--models deq,deq_jr,unrolled,unrolled_jr``)::
 
@@ -893,6 +894,12 @@ def parse_args(argv=None):
     parser.add_argument("--jac-reg", type=float, default=None, metavar="GAMMA",
                         help="weight of the Jacobian penalty for every dataset; None: "
                              f"{JAC_REG:g}, chosen on the validation split")
+    parser.add_argument("--learning-rate", type=float, default=None, metavar="LR",
+                        help="peak learning rate of every model on every dataset; None: each "
+                             "dataset's (3e-3; CIFAR-10 1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                        help="decoupled weight decay (AdamW) of every model on every dataset; "
+                             "None: 0 (Adam)")
     parser.add_argument("--cell-hidden", type=int, default=None, metavar="WIDTH",
                         help="inner width of every model's cells (the DEQ's, the twins'; the "
                              "param-matched ResNet is matched to the DEQ's new count; the contractive "
@@ -919,6 +926,10 @@ def parse_args(argv=None):
         args.models = list(KINDS[args.profile])
     if args.jac_reg is not None and not args.jac_reg > 0:
         parser.error(f"--jac-reg must be > 0, got {args.jac_reg}")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.lipschitz is not None and not 0 < args.lipschitz < 1:
         parser.error(f"--lipschitz must lie in (0, 1) (a contraction), got {args.lipschitz}")
     if args.cell_hidden is not None and args.cell_hidden < 1:
@@ -1050,6 +1061,10 @@ def main(argv=None) -> dict[str, Any]:
             st["jac_reg"] = float(args.jac_reg)
         if args.cell_hidden is not None:
             st["cell_hidden"] = args.cell_hidden
+        if args.learning_rate is not None:
+            st["learning_rate"] = float(args.learning_rate)
+        if args.weight_decay is not None:
+            st["weight_decay"] = float(args.weight_decay)
         if args.lipschitz is not None:
             st["contractive"]["lipschitz"] = float(args.lipschitz)
         st["split"] = args.split

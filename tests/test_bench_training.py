@@ -243,7 +243,8 @@ def test_deq_vs_explicit_argument_errors(capsys):
     for argv, word in ((["--models", "deq,mlp"], "--models"), (["--models", "deq,deq"], "--models"),
                        (["--jac-reg", "0"], "--jac-reg"), (["--split", "train"], "--split"),
                        (["--cell-hidden", "0"], "--cell-hidden"), (["--lipschitz", "1"], "--lipschitz"),
-                       (["--lipschitz", "0"], "--lipschitz")):
+                       (["--lipschitz", "0"], "--lipschitz"), (["--learning-rate", "0"], "--learning-rate"),
+                       (["--weight-decay", "-0.1"], "--weight-decay")):
         with pytest.raises(SystemExit):
             dve.parse_args(["--profile", "smoke", *argv])
         assert word in capsys.readouterr().err
@@ -299,11 +300,13 @@ def test_validation_run_writes_its_own_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DEQ_NO_PROGRESS", "1")
     data = dve.main(["--profile", "smoke", "--split", "validation", "--models", "deq_jr,unrolled_jr",
-                     "--jac-reg", "3", "--out", str(tmp_path), "--no-plot"])
+                     "--jac-reg", "3", "--learning-rate", "1e-3", "--weight-decay", "0.1",
+                     "--out", str(tmp_path), "--no-plot"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deq_vs_explicit_validation.json"]
     saved = json.loads((tmp_path / "deq_vs_explicit_validation.json").read_text())
     st = saved["settings"]["datasets"]["digits"]
     assert st["split"] == "validation" and st["jac_reg"] == 3.0
+    assert (st["learning_rate"], st["weight_decay"], st["optimizer"]) == (1e-3, 0.1, "AdamW")
     assert set(saved["results"]["digits"]) == {"deq_jr", "unrolled_jr"} == set(data["results"]["digits"])
     assert saved["results"]["digits"]["unrolled_jr"]["runs"][0]["jac_penalty_epoch"][0] > 0
     assert [c["models"] for c in saved["comparisons"]] == [["deq_jr", "unrolled_jr"]]
