@@ -81,3 +81,24 @@ def x64(request: pytest.FixtureRequest):
     """Request float64 explicitly from a test outside the core modules."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def break_svd(monkeypatch):
+    """``break_svd(algorithms)`` makes ``jax.lax.linalg.svd`` return NaN for the given algorithms
+    (``None`` is the default one, ``SvdAlgorithm.QR`` the retry), as LAPACK's gesdd did on a
+    trained weight with a clustered spectrum (see ``deq._linalg.svd_with_retry``)."""
+    import jax.numpy as jnp
+    from jax.lax import linalg as lax_linalg
+
+    real_svd = lax_linalg.svd
+
+    def apply(algorithms):
+        def svd(x, *args, algorithm=None, **kwargs):
+            out = real_svd(x, *args, algorithm=algorithm, **kwargs)
+            if algorithm not in algorithms:
+                return out
+            return jax.tree.map(lambda o: jnp.full_like(o, jnp.nan), out)
+        monkeypatch.setattr(lax_linalg, "svd", svd)
+
+    return apply

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deq._linalg import spectral_norm
+
 
 def _register(cls, data, meta):
     cls = dataclasses.dataclass(frozen=True)(cls)
@@ -142,9 +144,10 @@ class MonotoneDense:
         return z @ self.weight()
 
     def lipschitz(self, shape=None):
-        """`L = ||I - W||_2` exactly (largest singular value)."""
+        """`L = ||I - W||_2` exactly (largest singular value; a guaranteed upper bound should
+        the SVD fail, see `deq._linalg.spectral_norm`)."""
         n = self.A.shape[0]
-        return jnp.linalg.norm(jnp.eye(n, dtype=self.A.dtype) - self.weight(), ord=2)
+        return spectral_norm(jnp.eye(n, dtype=self.A.dtype) - self.weight())
 
     def resolvent(self, alpha, shape=None) -> _DenseResolvent:
         """`(I + alpha (I - W))^{-1}` as an object with `solve(v)` and `solve_T(v)` (its
@@ -403,12 +406,11 @@ class MonotoneConv:
         are compressions of circular ones on an `(H + k - 1) x (W + k - 1)` canvas:
         `||I - W|| <= m + ||A_c||^2 + ||B_c - B_c^T||`."""
         H, W = shape[0], shape[1]
-        sv = lambda M: jnp.linalg.svd(M, compute_uv=False)[..., 0].max()
         if self.padding == "circular":
-            return sv(self.monotone_symbol(H, W)).astype(self.A.dtype)
+            return spectral_norm(self.monotone_symbol(H, W)).astype(self.A.dtype)
         k = max(self.A.shape[0], self.A.shape[1])
         Ah, Bh = self._symbols(H + k - 1, W + k - 1)
-        return (self.m + sv(Ah) ** 2 + sv(Bh - _herm(Bh))).astype(self.A.dtype)
+        return (self.m + spectral_norm(Ah) ** 2 + spectral_norm(Bh - _herm(Bh))).astype(self.A.dtype)
 
     def resolvent(self, alpha, shape):
         """`(I + alpha (I - W))^{-1}` on `(H, W, C)` maps, with `solve(v)` and `solve_T(v)`:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.lax import linalg as lax_linalg
+
+from deq._linalg import cheap_bounds, spectral_norm, svd_with_retry
 
 __all__ = ["ContractiveDense", "spectral_norm_upper_bound"]
 
@@ -30,45 +31,10 @@ _BOUNDS = ("min", "frobenius", "holder", "exact")
 _MARGIN_ULPS = 64
 
 
-def _safe_sqrt(s):
-    """`sqrt(s)` for `s >= 0`, with a zero (not NaN) gradient at `s = 0`."""
-    pos = s > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
-
-
-def _svd(V, compute_uv):
-    """JAX's default SVD, redone by the QR-based algorithm where it returned non-finite values.
-
-    Training drives the top of a normalized weight's spectrum together, and on such a matrix
-    (128 x 128, float32, top singular values equal to 6 digits; met training on MNIST-1D) the
-    default CPU SVD (LAPACK's divide and conquer, gesdd) returned NaN singular vectors where the
-    QR-based one (gesvd, about twice as slow here) did not. The retry runs only when needed.
-    """
-    out = lax_linalg.svd(V, full_matrices=False, compute_uv=compute_uv)
-    outs = out if compute_uv else (out,)
-    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in outs]))
-    return jax.lax.cond(
-        ok, lambda: out,
-        lambda: lax_linalg.svd(V, full_matrices=False, compute_uv=compute_uv,
-                               algorithm=lax_linalg.SvdAlgorithm.QR))
-
-
-def _cheap_bound(V):
-    """min(Frobenius, Hölder) bound on `||V||_2` (see `spectral_norm_upper_bound`)."""
-    a = jnp.abs(V)
-    # Scale by the largest entry so the sum of squares neither underflows nor overflows.
-    m = jax.lax.stop_gradient(jnp.max(a))
-    m = jnp.where(m > 0, m, 1.0)
-    frob = m * _safe_sqrt(jnp.sum(jnp.square(V / m)))
-    holder = _safe_sqrt(jnp.max(jnp.sum(a, axis=0))) * _safe_sqrt(jnp.max(jnp.sum(a, axis=1)))
-    return frob, holder
-
-
 @jax.custom_jvp
 def _exact_norm(V):
     """Largest singular value of `V`; the guaranteed cheap bound if the SVD fails (non-finite)."""
-    sigma = jnp.max(_svd(V, compute_uv=False))
-    return jnp.where(jnp.isfinite(sigma), sigma, jnp.minimum(*_cheap_bound(V)))
+    return spectral_norm(V)
 
 
 @_exact_norm.defjvp
@@ -77,13 +43,13 @@ def _exact_norm_jvp(primals, tangents):
     # singular value gives a valid subgradient), from the SVD with the QR retry, and the cheap
     # bound's derivative where even that failed.
     (V,), (dV,) = primals, tangents
-    U, s, Vh = _svd(V, compute_uv=True)
+    U, s, Vh = svd_with_retry(V, compute_uv=True)
     k = jnp.argmax(s)
     ok = jnp.isfinite(s[k]) & jnp.all(jnp.isfinite(U[:, k])) & jnp.all(jnp.isfinite(Vh[k]))
     # Zero the vectors of a failed SVD before use: NaN * 0 would leak into reverse mode.
     u1, v1 = jnp.where(ok, U[:, k], 0.0), jnp.where(ok, Vh[k], 0.0)
     exact_dot = u1 @ dV @ v1
-    cheap, cheap_dot = jax.jvp(lambda A: jnp.minimum(*_cheap_bound(A)), (V,), (dV,))
+    cheap, cheap_dot = jax.jvp(lambda A: jnp.minimum(*cheap_bounds(A)), (V,), (dV,))
     return (jnp.where(ok, s[k], cheap), jnp.where(ok, exact_dot, cheap_dot))
 
 
@@ -129,7 +95,7 @@ def spectral_norm_upper_bound(V: jax.Array, method: str = "min") -> jax.Array:
         raise ValueError(f"spectral_norm_upper_bound: `V` must be a 2-D matrix, got shape {jnp.shape(V)}.")
     if method == "exact":
         return _exact_norm(V)
-    frob, holder = _cheap_bound(V)
+    frob, holder = cheap_bounds(V)
     if method == "frobenius":
         return frob
     if method == "holder":
