@@ -200,8 +200,9 @@ def git_info() -> dict[str, Any] | None:
 
     Returns:
       ``{"commit": sha, "dirty": bool}`` where ``dirty`` is True when
-      ``git status --porcelain`` reports any change (untracked files included),
-      or None when git is unavailable or the code is not in a git repository.
+      ``git status --porcelain`` reports any change (untracked files included) outside
+      ``benchmarks/results/`` (result files written by other runs do not change the code that
+      produced this one), or None when git is unavailable or the code is not in a git repository.
     """
     # A copy of the tree made elsewhere (e.g. on a remote GPU machine) may carry no .git or a
     # stale one: the caller then names the commit it was copied from in DEQ_GIT_COMMIT.
@@ -211,7 +212,7 @@ def git_info() -> dict[str, Any] | None:
     head = _git("rev-parse", "HEAD")
     if head is None:
         return None
-    status = _git("status", "--porcelain")
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
     return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}
 
 

@@ -189,3 +189,28 @@ def test_save_figure_and_progress(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DEQ_NO_PROGRESS", "1")
     assert list(C.progress(range(4), desc="x")) == [0, 1, 2, 3]
+
+
+def test_git_info_dirty_ignores_result_files_only(tmp_path, monkeypatch):
+    """Result files that other runs left in benchmarks/results/ do not make the code dirty;
+    any other change does."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.delenv("DEQ_GIT_COMMIT", raising=False)
+    monkeypatch.setattr(C, "REPO_ROOT", tmp_path)
+    assert C.git_info()["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "other_run.json").write_text("{}")
+    assert C.git_info()["dirty"] is False
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert C.git_info()["dirty"] is True
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert C.git_info()["dirty"] is True
