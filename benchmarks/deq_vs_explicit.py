@@ -49,7 +49,10 @@ steps -- so the network evaluated was a truncated iteration, not the equilibrium
 gradients were not the implicit ones. With 100 steps about 95% of the test solves converge
 (a few percent do not converge in any budget, 300 steps included), and the adjoint at the
 library's default tolerance fails on some sample in about 5% of the training steps. Digits
-converges either way (about 12 steps). One setting serves every dataset and profile.
+converges either way (about 12 steps). One setting serves every dataset and profile. (All of
+this was measured at the earlier learning rate 3e-3; at the current 1e-2 the MNIST-1D solves are
+easier: 15 Anderson steps, 99.8% of the 10,000-signal solves converged, and no adjoint solve
+failed in training, full profile, seeds 0-2.)
 
 Training: ``deq.train.fit`` (Adam -- AdamW if ``weight_decay`` > 0, off by default --,
 warm-up-free cosine decay, clip 1.0), the same config for every model, evaluated on the test
