@@ -5,7 +5,10 @@ implicit function theorem (or phantom gradients, JFB, unrolling), and use it as 
 """
 
 from ._fixed_point import fixed_point as fixed_point
+from ._errors import SolveError as SolveError
+from ._errors import clean_errors as clean_errors
 from ._solution import RESULTS as RESULTS
+from ._solution import BackwardStats as BackwardStats
 from ._solution import Solution as Solution
 from ._solution import Stats as Stats
 from .backward import IFT as IFT

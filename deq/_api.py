@@ -99,16 +99,17 @@ def check_range(owner: str, name: str, value: Any, lo: float, hi: float, *, lo_o
 
 
 def check_tolerances(obj: Any) -> None:
-    """Validate the shared `rtol`, `atol`, `max_steps` fields of a solver."""
+    """Validate the shared `rtol`, `atol`, `max_steps` (and `divergence_limit`) fields of a solver.
+
+    `rtol = atol = 0` is allowed: a fixed budget of exactly `max_steps` steps (unless a residual
+    is exactly zero), reported as MAX_STEPS.
+    """
     owner = type(obj).__name__
     check_nonneg(owner, "rtol", obj.rtol)
     check_nonneg(owner, "atol", obj.atol)
-    if obj.rtol == 0 and obj.atol == 0:
-        raise ValueError(
-            f"{owner}: `rtol` and `atol` are both 0, so the solve could never stop early. "
-            "Set at least one of them above 0, e.g. atol=1e-6."
-        )
     check_positive_int(owner, "max_steps", obj.max_steps, example=50)
+    if hasattr(obj, "divergence_limit"):
+        check_range(owner, "divergence_limit", obj.divergence_limit, 1.0, float("inf"))
 
 
 def check_bool(owner: str, name: str, value: Any) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _tree
 from ._api import strict_kwargs
+from ._errors import clean_errors, raise_from_callback
 from ._solution import Solution, Stats
 from .backward import IFT, AbstractBackward
 from .backward._base import report
@@ -19,7 +21,7 @@ def _describe(tree) -> str:
     return f"{jax.tree_util.tree_structure(tree)} with leaves {', '.join(parts)}"
 
 
-def _validate(f, z0, args, solver, backward, batch_axis, throw):
+def _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch=False):
     if not callable(f):
         raise TypeError(f"fixed_point: `f` must be callable as f(z, args) -> z, got {type(f).__name__}.")
     if isinstance(solver, GMRES):
@@ -45,6 +47,11 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw):
         )
     if not isinstance(throw, bool):
         raise TypeError(f"fixed_point: `throw` must be a bool, got {throw!r}.")
+    if not isinstance(check_batch, bool):
+        raise TypeError(f"fixed_point: `check_batch` must be a bool, got {check_batch!r}. Pass True or False.")
+    if check_batch and batch_axis is None:
+        raise ValueError("fixed_point: `check_batch=True` checks that f keeps the samples of batch_axis=0 apart, "
+                         "but batch_axis is None. Pass batch_axis=0, or drop check_batch.")
     leaves = jax.tree_util.tree_leaves(z0)
     if not leaves:
         raise ValueError("fixed_point: `z0` has no array leaves. Pass the initial state, e.g. jnp.zeros(n).")
@@ -75,9 +82,57 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw):
         )
 
 
-def _impl(f, z0, args, solver, backward, batch_axis, throw):
-    _validate(f, z0, args, solver, backward, batch_axis, throw)
+def _check_rows(F, x0):
+    """Raise a `deq.SolveError` (from compiled code) if `F` lets rows of its input reach other rows.
+
+    One Jacobian-vector product per probed row `r` (up to 16 of them, spread over the batch),
+    with a random tangent in row `r` only: every other row of the output tangent must be exactly
+    zero for a map that acts row-wise.
+    """
+    B = x0.shape[0]
+    if B < 2:
+        return
+    rows = jnp.unique(jnp.linspace(0, B - 1, min(B, 16)).astype(jnp.int32)) if B > 16 else jnp.arange(B)
+    t = jax.random.normal(jax.random.key(0), x0.shape, x0.dtype)
+
+    def leak(r):
+        mask = (jnp.arange(B) == r)[:, None]
+        _, out = jax.jvp(F, (x0,), (jnp.where(mask, t, 0.0),))
+        return jnp.max(jnp.where(mask, 0.0, jnp.abs(out)))
+
+    leaks = jax.lax.stop_gradient(jax.lax.map(leak, rows))
+
+    def fail(leaks, rows):
+        i = int(np.argmax(np.asarray(leaks)))
+        raise_from_callback(
+            "deq: check_batch: f mixes samples along batch_axis=0: perturbing sample "
+            f"{int(np.asarray(rows)[i])} changed other samples' outputs (by up to "
+            f"{float(np.asarray(leaks)[i]):.3e} per unit perturbation). Per-sample stopping tests and solver "
+            "coefficients then describe a different problem than the one solved. Make f act on each "
+            "sample alone (no batch means/norms such as nnx.BatchNorm, no attention across the batch), "
+            "or pass batch_axis=None to solve the whole batch as one problem."
+        )
+
+    jax.lax.cond(jnp.all(leaks == 0), lambda: None, lambda: jax.debug.callback(fail, leaks, rows))
+
+
+def _empty_solution(z0, solver, dtype):
+    zeros = lambda d: jnp.zeros((0,), d)  # noqa: E731
+    stats = Stats(
+        num_steps=zeros(jnp.int32),
+        residual_norm=zeros(dtype),
+        converged=zeros(bool),
+        result=zeros(jnp.int32),
+        residual_history=jnp.zeros((0, solver.max_steps + 1), dtype),
+    )
+    return Solution(value=z0, stats=stats)
+
+
+def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats):
+    _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch)
     packer = _tree.make_packer(z0, batch_axis)
+    if packer.rows == 0:  # an empty batch: nothing to solve
+        return _empty_solution(z0, solver, packer.dtype)
     try:
         hash(f)
     except TypeError:  # closure_convert memoizes on f: give it a hashable wrapper
@@ -89,10 +144,18 @@ def _impl(f, z0, args, solver, backward, batch_axis, throw):
         return packer.pack(f_conv(packer.unpack(x), a, *c))
 
     x0 = packer.pack(z0)
-    x_star, out = backward.solve(fn, solver, x0, (args, consts), throw)
+    if check_batch:
+        _check_rows(lambda x: fn(x, (args, consts)), x0)
+    if backward_stats is None:
+        x_star, out = backward.solve(fn, solver, x0, (args, consts), throw)
+    else:
+        x_star, out = backward.solve(fn, solver, x0, (args, consts), throw, probe=backward_stats)
     if throw:
         x_star = report("the forward solve", out, x_star, throw=True, warn=False)
     squeeze = (lambda a: a[0]) if batch_axis is None else (lambda a: a)
+    # Statistics are plain data: no tangent reaches them, so any use of them inside a loss or an
+    # auxiliary output (jnp.all(converged) under jax.grad) differentiates as a constant.
+    out = jax.lax.stop_gradient(out)
     stats = Stats(
         num_steps=squeeze(out.num_steps),
         residual_norm=squeeze(out.residual),
@@ -103,17 +166,22 @@ def _impl(f, z0, args, solver, backward, batch_axis, throw):
     return Solution(value=packer.unpack(x_star), stats=stats)
 
 
-_impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6))
+_impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6, 7))
 
 
 @strict_kwargs
-def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False) -> Solution:
+def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False,
+                check_batch=False, backward_stats=None) -> Solution:
     r"""Solve `z* = f(z*, args)` and differentiate `z*` with respect to `args`.
 
     The forward pass runs `solver` from `z0` until `||f(z) - z|| <= atol + rtol ||f(z)||` (l2
-    over all leaves of a sample) or `max_steps`, and returns the lowest-residual finite iterate.
-    The backward pass is defined by `backward`: by default the implicit function theorem, whose
-    memory does not grow with the number of forward steps.
+    over all leaves of a sample, overflow-safe; the relative part is measured against at most
+    100 times the start's scale `max(||z0||, ||f(z0)||)`, so it cannot be met by letting the
+    iterates grow) or `max_steps`, and returns the lowest-residual finite iterate. Iterates that
+    run away (`||f(z)||` past the solver's `divergence_limit` times the start's scale) stop with
+    result DIVERGED; a NaN or inf stops a sample with NONFINITE. `rtol = atol = 0` runs exactly
+    `max_steps` steps (a fixed budget). The backward pass is defined by `backward`: by default
+    the implicit function theorem, whose memory does not grow with the number of forward steps.
 
     Args:
       f: the cell, `f(z, args) -> z`; `z` and `args` are any pytrees, and `f` must return the
@@ -126,13 +194,23 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
       batch_axis: None (the whole state is one problem) or 0 (axis 0 of every leaf indexes
         independent problems: per-sample stopping tests, solver coefficients and stats; `f`
         must not mix samples).
-      throw: raise a `RuntimeError` from compiled code when the forward or the backward solve
-        does not converge (naming steps and residual). By default non-convergence is only
-        reported in `stats` (forward) and by a `deq.NonConvergenceWarning` (IFT backward).
+      throw: raise a `deq.SolveError` (a `RuntimeError`) when the forward or the backward solve
+        does not converge (naming steps, residual and result codes). By default
+        non-convergence is only reported in `stats` (forward) and by a
+        `deq.NonConvergenceWarning` (IFT backward). Called outside `jax.jit` the error arrives
+        as itself; inside your own `jax.jit`, wrap the call in `deq.clean_errors()`.
+      check_batch: with `batch_axis=0`, check once, at `z0`, that `f` keeps the samples apart
+        (one Jacobian-vector product per probed sample); raise a `deq.SolveError` if one
+        sample's perturbation reaches another (a batch mean, batch norm or attention across
+        the batch). A debugging aid: it costs up to 16 extra evaluations of `f`.
+      backward_stats: a `deq.BackwardStats.probe(...)`; differentiate with respect to it to
+        receive the adjoint solve's statistics as its cotangent (see `deq.BackwardStats`).
 
     Returns:
       A `Solution` with `value` (shaped like `z0`) and `stats` (`num_steps`, `residual_norm`,
-      `converged`, `result`, `residual_history`), per sample when `batch_axis=0`.
+      `converged`, `result`, `residual_history`), per sample when `batch_axis=0`. The stats
+      carry no gradient: they may be used in any loss or auxiliary output under `jax.grad`,
+      `jax.vmap`, `jax.jit` and `lax.scan`. A batch of size 0 returns an empty solution.
 
     Example:
       >>> import jax, jax.numpy as jnp, deq
@@ -150,10 +228,19 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
     solver = Anderson() if solver is None else solver
     backward = IFT() if backward is None else backward
     z0 = jax.tree_util.tree_map(jnp.asarray, z0)
+    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats)
     try:
         hash(f)
+        impl = _impl_jit
     except TypeError:
-        return _impl(f, z0, args, solver, backward, batch_axis, throw)
+        impl = _impl
     if isinstance(batch_axis, (list, dict)):
-        return _impl(f, z0, args, solver, backward, batch_axis, throw)
-    return _impl_jit(f, z0, args, solver, backward, batch_axis, throw)
+        impl = _impl
+    if not (throw or check_batch) or not _eager(z0, args):
+        return impl(*call)
+    with clean_errors():  # called outside a trace: a failure arrives as a deq.SolveError
+        return jax.block_until_ready(impl(*call))
+
+
+def _eager(*trees) -> bool:
+    return not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(trees))

@@ -1,14 +1,23 @@
 """The one solver-agnostic loop that drives every forward and adjoint solve.
 
-It owns what every solver shares: the per-sample stopping test
-`||f(z) - z|| <= atol + rtol * ||f(z)||`, step counting, freezing samples that have stopped,
-keeping the lowest-residual finite iterate, stopping a sample at once when its residual turns
-non-finite, and the residual history. A solver only says how to take one step.
+It owns what every solver shares: the per-sample stopping test, step counting, freezing samples
+that have stopped, keeping the lowest-residual finite iterate, stopping a sample at once when an
+iterate turns non-finite or the iterates run away (DIVERGED), and the residual history. A solver
+only says how to take one step.
+
+The stopping test of a forward (nonlinear) solve is
+
+    ||f(z) - z|| <= atol + rtol * min(||f(z)||, GROWTH_CAP * s0),   s0 = max(||z0||, ||f(z0)||),
+
+so the relative part cannot be met by letting the iterates grow (a map with no fixed point would
+otherwise "converge" once ||z|| is large enough); a linear (adjoint) solve `u = A u + b` passes
+`rhs_norm = ||b||` and is judged as a linear system, `||A u + b - u|| <= atol + rtol ||b||`. A
+test whose tolerance is not finite never passes. Norms are overflow-safe (`_tree.row_norm`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +25,13 @@ import jax.numpy as jnp
 from ._solution import RESULTS
 from ._tree import row_norm, where_rows
 from .solvers._base import Best
+
+GROWTH_CAP = 100.0
+"""The relative tolerance is measured against at most this multiple of the start's scale."""
+
+DIVERGENCE_LIMIT = 1e4
+"""Default `divergence_limit`: a sample whose `||f(z)||` exceeds this multiple of the start's scale
+`max(||z0||, ||f(z0)||)` stops with result DIVERGED (a solver may set its own)."""
 
 
 class LoopOutput(NamedTuple):
@@ -40,10 +56,12 @@ class _Carry(NamedTuple):
     active: jax.Array
     converged: jax.Array
     nonfinite: jax.Array
+    diverged: jax.Array
     history: jax.Array
 
 
-def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: bool = False) -> LoopOutput:
+def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: bool = False,
+        rhs_norm: Optional[jax.Array] = None, rtol: Optional[jax.Array] = None) -> LoopOutput:
     """Run `solver` on the packed map `F: (B, n) -> (B, n)` from `x0`.
 
     Args:
@@ -52,23 +70,38 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
       x0: `(B, n)` starting point.
       unroll: when True, run exactly `max_steps` masked steps under `lax.scan` so the loop can
         be differentiated by ordinary reverse-mode autodiff (memory grows with steps).
+      rhs_norm: for a linear problem `u = A u + b`, the `(B,)` norms `||b||`: the relative
+        tolerance is then taken against them (a linear-system test) instead of `||F(x)||`.
+      rtol: an optional `(B,)` relative tolerance replacing `solver.rtol` (per sample).
 
     Returns:
       A `LoopOutput`.
     """
-    rtol, atol, max_steps = solver.rtol, solver.atol, solver.max_steps
+    atol, max_steps = solver.atol, solver.max_steps
+    rtol = solver.rtol if rtol is None else rtol
+    limit = getattr(solver, "divergence_limit", DIVERGENCE_LIMIT)
     B = x0.shape[0]
-
-    def tolerance(fx):
-        # With rtol == 0 (static) the norm of f(z) is not needed: one pass over (B, n) saved.
-        if rtol == 0:
-            return jnp.full(fx.shape[:1], atol, fx.dtype)
-        return atol + rtol * row_norm(fx)
 
     fx0 = F(x0)
     res0 = jax.lax.stop_gradient(row_norm(fx0 - x0))
-    finite0 = jnp.isfinite(res0)
-    conv0 = finite0 & (res0 <= tolerance(fx0))
+    nf0 = jax.lax.stop_gradient(row_norm(fx0))
+    scale0 = jnp.maximum(jax.lax.stop_gradient(row_norm(x0)), nf0)
+    if rhs_norm is None:
+        ref_cap = GROWTH_CAP * scale0
+    else:
+        rhs_norm = jax.lax.stop_gradient(rhs_norm)
+
+    def verdict(res, nf):
+        """(converged, diverged, nonfinite) for residuals `res` and norms `nf = ||F(x)||`."""
+        ref = rhs_norm if rhs_norm is not None else jnp.minimum(nf, ref_cap)
+        tol = atol + rtol * ref
+        diverged = nf > limit * scale0
+        nonfinite = ~(jnp.isfinite(res) & jnp.isfinite(nf)) & ~diverged
+        conv = jnp.isfinite(tol) & jnp.isfinite(res) & (res <= tol) & ~diverged
+        return conv, diverged, nonfinite
+
+    conv0, div0, nonfinite0 = verdict(res0, nf0)
+    finite0 = ~nonfinite0 & ~div0
     history = jnp.full((B, max_steps + 1), jnp.nan, dtype=res0.dtype).at[:, 0].set(res0)
     carry = _Carry(
         k=jnp.zeros((), jnp.int32),
@@ -77,11 +110,12 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
         state=solver.init(F, x0, fx0),
         best_x=x0,
         best_fx=fx0,
-        best_res=jnp.where(finite0, res0, jnp.inf),
+        best_res=jnp.where(finite0 & jnp.isfinite(res0), res0, jnp.inf),
         steps=jnp.zeros((B,), jnp.int32),
         active=finite0 & ~conv0,
         converged=conv0,
-        nonfinite=~finite0,
+        nonfinite=nonfinite0,
+        diverged=div0,
         history=history,
     )
 
@@ -90,9 +124,10 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
         x_new, fx_new, state_new = solver.step(F, c.x, c.fx, c.state, c.active, best)
         # Residuals steer the loop; they are not differentiated (sqrt has no derivative at 0).
         res = jax.lax.stop_gradient(row_norm(fx_new - x_new))
-        finite = jnp.isfinite(res)
-        upd = c.active & finite
-        conv = upd & (res <= tolerance(fx_new))
+        nf = jax.lax.stop_gradient(row_norm(fx_new))
+        conv, div, bad = verdict(res, nf)
+        upd = c.active & ~bad & ~div
+        conv = upd & conv
         # The converging iterate is returned even if an earlier one had a lower residual, so a
         # converged sample's value always passes the stopping test.
         better = upd & ((res < c.best_res) | conv)
@@ -110,7 +145,8 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
             steps=c.steps + c.active.astype(jnp.int32),
             active=upd & ~conv & (k < max_steps),
             converged=c.converged | conv,
-            nonfinite=c.nonfinite | (c.active & ~finite),
+            nonfinite=c.nonfinite | (c.active & bad),
+            diverged=c.diverged | (c.active & div),
             history=c.history.at[:, k].set(jnp.where(c.active, res, jnp.nan)),
         )
 
@@ -119,10 +155,10 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     else:
         carry = jax.lax.while_loop(lambda c: (c.k < max_steps) & jnp.any(c.active), body, carry)
 
-    result = jnp.where(
-        carry.converged,
-        RESULTS.CONVERGED,
-        jnp.where(carry.nonfinite, RESULTS.NONFINITE, RESULTS.MAX_STEPS),
+    result = jnp.select(
+        [carry.converged, carry.diverged, carry.nonfinite],
+        [RESULTS.CONVERGED, RESULTS.DIVERGED, RESULTS.NONFINITE],
+        RESULTS.MAX_STEPS,
     ).astype(jnp.int32)
     # A sample whose start was non-finite has no finite iterate: report it as such.
     best_res = jnp.where(jnp.isfinite(carry.best_res), carry.best_res, jnp.nan)

@@ -63,8 +63,28 @@ def make_packer(z0, batch_axis: Optional[int]) -> Packer:
 
 
 def row_norm(x: jax.Array) -> jax.Array:
-    """l2 norm of each row of a `(B, n)` array."""
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
+    """l2 norm of each row of a `(B, n)` array, free of overflow and underflow.
+
+    The squares are summed after dividing by the row's largest magnitude, so the norm of a row of
+    finite numbers is finite (up to the dtype's largest value) however large or small they are:
+    `||(1e30, 1e30)||` in float32 is `1.4e30`, not `inf`. A row holding NaN or inf gets a NaN or
+    inf norm. Where every entry is zero the norm is 0, and its derivative there is taken as 0.
+    """
+    x = jnp.asarray(x)
+    info = jnp.finfo(x.dtype)
+    m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=1))
+    ok = (m > 0) & jnp.isfinite(m)
+    # Scale by a power of two near 1/m: exact, and (clipped) never a subnormal number, which
+    # the CPU would flush to zero (XLA turns `x / m` into `x * (1 / m)`, so dividing is unsafe).
+    _, e = jnp.frexp(jnp.where(ok, m, 1.0))
+    e = jnp.clip(e, info.minexp + 2, info.maxexp - 2)
+    s = jnp.sum(jnp.square(x * jnp.ldexp(jnp.ones_like(m), -e)[:, None]), axis=1)
+    # sqrt has no derivative at 0: guard it so an all-zero row differentiates to 0, not NaN.
+    pos = ok & (s > 0)
+    norm = jnp.where(pos, jnp.ldexp(jnp.sqrt(jnp.where(pos, s, 1.0)), e), 0.0)
+    norm = jnp.minimum(norm, info.max)
+    # A row with a NaN or inf entry has m = NaN or inf: that is its norm, as it should be.
+    return jnp.where(ok | (m == 0), norm, m)
 
 
 def where_rows(mask: jax.Array, new, old):

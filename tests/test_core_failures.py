@@ -62,7 +62,7 @@ def test_accelerated_solvers_return_their_lowest_residual_iterate_when_they_fail
     """z**2 + 2 has no real fixed point: no solver can converge."""
     sol = deq.fixed_point(P.square_plus_two, jnp.ones(1), None, solver=SOLVERS[name])
     assert not bool(sol.stats.converged)
-    assert int(sol.stats.result) in (deq.RESULTS.MAX_STEPS, deq.RESULTS.NONFINITE)
+    assert int(sol.stats.result) in (deq.RESULTS.MAX_STEPS, deq.RESULTS.NONFINITE, deq.RESULTS.DIVERGED)
     assert np.all(np.isfinite(np.asarray(sol.value)))
     check_lowest_residual_iterate(sol, P.square_plus_two)
 
@@ -78,18 +78,21 @@ def test_forward_failure_is_silent_by_default():
 # ----------------------------------------------------------------------------- non-finite
 
 
-@pytest.mark.parametrize("f,steps", [(P.square_plus_two, None), (P.nan_beyond_ten, 3)], ids=["overflow", "nan"])
-def test_a_blow_up_stops_at_once_with_a_finite_value(f, steps):
+@pytest.mark.parametrize("f,steps,code", [(P.square_plus_two, 4, "DIVERGED"), (P.nan_beyond_ten, 3, "NONFINITE")],
+                         ids=["runaway", "nan"])
+def test_a_blow_up_stops_at_once_with_a_finite_value(f, steps, code):
     sol = deq.fixed_point(f, jnp.ones(2), None, solver=deq.FixedPointIteration(max_steps=100))
     st = sol.stats
-    assert int(st.result) == deq.RESULTS.NONFINITE
+    assert deq.RESULTS.name(st.result) == code
     assert not bool(st.converged)
     hist = np.asarray(st.residual_history)
     k = int(st.num_steps)
-    if steps is not None:  # 1 -> 3 -> 7 -> 15 (NaN)
-        assert k == steps
-    # history: finite up to the step before the blow-up, the non-finite step, then nothing
-    assert np.all(np.isfinite(hist[:k])) and not np.isfinite(hist[k]) and np.all(np.isnan(hist[k + 1:]))
+    # runaway: 1 -> 3 -> 11 -> 123 -> 15131 > 1e4 * ||f(z0)||: DIVERGED long before an overflow;
+    # nan: 1 -> 3 -> 7 -> 15 (NaN)
+    assert k == steps
+    # history: finite up to the step before the blow-up, the stopping step, then nothing
+    assert np.all(np.isfinite(hist[:k])) and np.all(np.isnan(hist[k + 1:]))
+    assert np.isfinite(hist[k]) == (code == "DIVERGED")
     assert k < 20  # it stopped at once, not at max_steps
     assert np.all(np.isfinite(np.asarray(sol.value)))
     assert np.isfinite(float(st.residual_norm))
@@ -217,6 +220,7 @@ def test_warn_false_silences_the_adjoint_warning():
 
 def test_nonconvergence_warning_is_a_runtime_warning():
     assert issubclass(deq.NonConvergenceWarning, RuntimeWarning)
-    assert set(deq.RESULTS.messages) == {deq.RESULTS.CONVERGED, deq.RESULTS.MAX_STEPS, deq.RESULTS.NONFINITE}
-    assert len({deq.RESULTS.CONVERGED, deq.RESULTS.MAX_STEPS, deq.RESULTS.NONFINITE}) == 3
+    codes = {deq.RESULTS.CONVERGED, deq.RESULTS.MAX_STEPS, deq.RESULTS.NONFINITE, deq.RESULTS.DIVERGED}
+    assert set(deq.RESULTS.messages) == codes and len(codes) == 4
+    assert [deq.RESULTS.name(c) for c in sorted(codes)] == ["CONVERGED", "MAX_STEPS", "NONFINITE", "DIVERGED"]
     assert "max_steps" in deq.RESULTS.describe(deq.RESULTS.MAX_STEPS)

@@ -120,9 +120,14 @@ def test_frozen_hashable_replace():
         ((jaxopt.AndersonAcceleration,), dict(histroy_size=3), TypeError, "history_size"),
         ((jaxopt.AndersonAcceleration,), dict(history_size=1), ValueError, "history_size"),
         ((jaxopt.AndersonAcceleration,), dict(beta=[1.0]), TypeError, "hashable"),
-        ((jaxopt.FixedPointIteration,), dict(atol=0.0, rtol=0.0), ValueError, "atol"),
+        ((jaxopt.FixedPointIteration,), dict(atol=-1.0), ValueError, "atol"),
     ],
 )
 def test_validation(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         JaxoptSolver(*args, **kwargs)
+
+
+def test_a_fixed_budget_is_accepted():
+    s = JaxoptSolver(jaxopt.FixedPointIteration, atol=0.0, rtol=0.0, max_steps=4)  # exactly 4 steps
+    assert (s.rtol, s.atol, s.max_steps) == (0.0, 0.0, 4)

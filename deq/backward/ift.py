@@ -11,11 +11,44 @@ from .. import _loop
 from .._api import check_bool, frozen
 from .._tree import row_norm
 from ..solvers import GMRES, AbstractSolver, Anderson
-from ._base import AbstractBackward, report
+from .._solution import RESULTS, probe_cotangent
+from ._base import ADJOINT_RESIDUAL, AbstractBackward, report
 
 
-def _default_adjoint_solver():
-    return Anderson(rtol=1e-4, atol=1e-6, max_steps=100, history_size=5)
+ADJOINT_RTOL_CAP = 1e-4
+"""The derived adjoint tolerance is never looser than this (float32 training's long-standing default)."""
+
+
+def adjoint_rtol_floor(dtype) -> float:
+    """The tightest relative tolerance the derived adjoint asks for in `dtype`: 10 eps."""
+    return 10.0 * float(jnp.finfo(dtype).eps)
+
+
+def derived_adjoint_solver(forward) -> Anderson:
+    """The adjoint solver `deq.IFT()` uses when none is given: Anderson, up to 100 steps.
+
+    Its tolerance is set per sample at run time (see `derived_adjoint_rtol`); `atol=0` since the
+    adjoint is judged relative to its right-hand side.
+    """
+    steps = max(100, int(getattr(forward, "max_steps", 100)))
+    return Anderson(rtol=ADJOINT_RTOL_CAP, atol=0.0, max_steps=steps, history_size=5)
+
+
+def derived_adjoint_rtol(forward, fx_norm: jax.Array, dtype) -> jax.Array:
+    """Per-sample relative tolerance of the default adjoint: the forward's, within bounds.
+
+    The forward solve stopped at `||f(z) - z|| <= atol_f + rtol_f ||f(z)||`, i.e. a relative
+    precision `r_f = rtol_f + atol_f / ||f(z*)||`; the gradient it determines cannot be more
+    precise than that, and the adjoint is asked for the same:
+    `rtol_adj = clip(r_f, 10 eps(dtype), 1e-4)`. Loose float32 training (forward `rtol=1e-3`)
+    keeps the adjoint at 1e-4, as before; a float64 forward at `atol=1e-12` gets an adjoint at
+    about 1e-12 relative.
+    """
+    rtol_f = float(getattr(forward, "rtol", ADJOINT_RTOL_CAP))
+    atol_f = float(getattr(forward, "atol", 0.0))
+    safe = jnp.where(fx_norm > 0, fx_norm, 1.0)
+    r_f = rtol_f + jnp.where(fx_norm > 0, atol_f / safe, 0.0)
+    return jnp.clip(r_f, adjoint_rtol_floor(dtype), ADJOINT_RTOL_CAP).astype(dtype)
 
 
 @frozen
@@ -34,10 +67,22 @@ class IFT(AbstractBackward):
     no Jacobian matrix is built, and memory does not grow with the forward steps (only `z*` and
     the parameters are saved). With `batch_axis=0` each sample's adjoint converges on its own.
 
+    The adjoint is a linear system, and it is judged as one: per sample,
+    `||J^T u + g - u|| <= atol + rtol ||g||` with `g = dL/dz*` (never relative to the size of
+    `u`, which a singular `I - J^T` would let grow without bound). By default (`solver=None`) the
+    tolerance follows the forward solve: `rtol = clip(rtol_f + atol_f / ||f(z*)||, 10 eps, 1e-4)`
+    per sample (`eps` of the state's dtype; see `derived_adjoint_rtol`), with Anderson and
+    `max(100, forward max_steps)` steps, so a float64 solve at `atol=1e-12` gets gradients
+    accurate to about that precision, and float32 training at `rtol=1e-3` keeps its 1e-4 adjoint.
+    A solver you pass keeps its own `rtol`/`atol`, applied in the same linear-system test;
+    `rtol = atol = 0` gives a fixed number of adjoint steps (no warning then).
+
     Failure is not silent: if the adjoint solve does not converge, a `deq.NonConvergenceWarning`
-    is issued from the compiled code (naming the steps and residual; disable with `warn=False`),
-    and with `deq.fixed_point(..., throw=True)` a `RuntimeError` is raised instead. The gradient
-    returned is then the one from the lowest-residual adjoint iterate.
+    naming the adjoint residual `||J^T u + g - u||` is issued from the compiled code, attributed
+    to your line that called the solve (disable with `warn=False`), and with
+    `deq.fixed_point(..., throw=True)` a `deq.SolveError` is raised instead. The gradient
+    returned is then the one from the lowest-residual adjoint iterate. Its statistics (steps,
+    residual, converged, result per sample) reach you through `deq.BackwardStats.probe()`.
 
     The warning costs a little on every call, not only on failures: an executable that holds a
     host callback is dispatched through JAX's Python path instead of its C++ fast path (measured
@@ -45,9 +90,8 @@ class IFT(AbstractBackward):
     removes it where convergence is checked another way.
 
     Args:
-      solver: the adjoint solver, with its own tolerances (default `Anderson(rtol=1e-4,
-        atol=1e-6, max_steps=100)`: ample for training in float32; tighten it for exact
-        gradients in float64).
+      solver: the adjoint solver, with its own tolerances; None (default) derives them from the
+        forward solve as described above.
       warn: warn when the adjoint solve does not converge.
 
     Example:
@@ -66,27 +110,28 @@ class IFT(AbstractBackward):
 
     def __post_init__(self):
         check_bool("IFT", "warn", self.warn)
-        if self.solver is None:
-            object.__setattr__(self, "solver", _default_adjoint_solver())
-        if not isinstance(self.solver, (AbstractSolver, GMRES)):
+        if self.solver is not None and not isinstance(self.solver, (AbstractSolver, GMRES)):
             raise TypeError(
                 f"IFT: `solver` must be a deq solver (deq.Anderson, deq.Broyden, "
                 f"deq.FixedPointIteration or deq.GMRES), got {self.solver!r}. "
                 "Pass e.g. IFT(solver=deq.Anderson(max_steps=50))."
             )
 
-    def solve(self, fn, solver, x0, params, throw):
-        return _ift(fn, solver, self, throw, x0, params)
+    def solve(self, fn, solver, x0, params, throw, probe=None):
+        return _ift(fn, solver, self, throw, x0, params, probe)
 
-    def adjoint(self, fn, x_star, params, g, throw, vjp=None):
+    def adjoint(self, fn, x_star, params, g, throw, vjp=None, forward=None, fx_norm=None):
         """Solve the adjoint `u = J_f^T u + g` at `x_star`; returns `(u, loop_output)`.
 
         `vjp`, if given, is `jax.vjp(fn, x_star, params)[1]` (saves linearizing `fn` again).
+        `forward` is the forward solver and `fx_norm` the `(B,)` norms `||f(z*)||`, from which
+        the default tolerance is derived (without them, the forward is taken as `Anderson()`).
         """
         if vjp is None:
             _, vjp = jax.vjp(fn, x_star, params)
         vjp_x = lambda u: vjp(u)[0]  # the parameter cotangent is dead code inside the loop
         h = lambda u: vjp_x(u) + g
+        g_norm = row_norm(g)
         if isinstance(self.solver, GMRES):
             s = self.solver
             u, _ = jax.scipy.sparse.linalg.gmres(
@@ -95,36 +140,49 @@ class IFT(AbstractBackward):
             )
             hu = h(u)
             res = row_norm(hu - u)
-            conv = res <= s.atol + s.rtol * row_norm(g)
+            conv = jnp.isfinite(res) & (res <= s.atol + s.rtol * g_norm)
+            code = jnp.where(conv, RESULTS.CONVERGED,
+                             jnp.where(jnp.isfinite(res), RESULTS.MAX_STEPS, RESULTS.NONFINITE))
             B = u.shape[0]
-            out = _loop.LoopOutput(u, res, jnp.full((B,), -1, jnp.int32), conv,
-                                   jnp.where(conv, 0, 1).astype(jnp.int32),
+            out = _loop.LoopOutput(u, res, jnp.full((B,), -1, jnp.int32), conv, code.astype(jnp.int32),
                                    jnp.full((B, 1), jnp.nan, res.dtype), hu)
+            fixed_budget = False
         else:
-            out = _loop.run(self.solver, h, g)
-        u = report("the IFT backward (adjoint) solve", out, out.x, throw=throw, warn=self.warn or throw)
+            if self.solver is None:
+                forward = Anderson() if forward is None else forward
+                if fx_norm is None:
+                    fx_norm = row_norm(fn(x_star, params))
+                solver = derived_adjoint_solver(forward)
+                rtol = derived_adjoint_rtol(forward, jax.lax.stop_gradient(fx_norm), g.dtype)
+            else:
+                solver, rtol = self.solver, None
+            fixed_budget = solver.rtol == 0 and solver.atol == 0
+            out = _loop.run(solver, h, g, rhs_norm=g_norm, rtol=rtol)
+        warn = (self.warn or throw) and not fixed_budget
+        u = report("the IFT backward (adjoint) solve", out, out.x, throw=throw and not fixed_budget, warn=warn,
+                   residual_name=ADJOINT_RESIDUAL)
         return u, out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ift(fn, solver, backward, throw, x0, params):
+def _ift(fn, solver, backward, throw, x0, params, probe):
     out = _loop.run(solver, lambda x: fn(x, params), x0)
     return out.x, out
 
 
-def _ift_fwd(fn, solver, backward, throw, x0, params):
-    x_star, out = _ift(fn, solver, backward, throw, x0, params)
-    return (x_star, out), (x_star, params)
+def _ift_fwd(fn, solver, backward, throw, x0, params, probe):
+    x_star, out = _ift(fn, solver, backward, throw, x0, params, probe)
+    return (x_star, out), (x_star, params, row_norm(out.fx), probe)
 
 
 def _ift_bwd(fn, solver, backward, throw, residuals, cts):
-    x_star, params = residuals
+    x_star, params, fx_norm, probe = residuals
     g = cts[0]
     # One linearization of f at z* serves the adjoint solve and the parameter gradient.
     _, vjp = jax.vjp(fn, x_star, params)
-    u, _ = backward.adjoint(fn, x_star, params, g, throw, vjp=vjp)
+    u, out = backward.adjoint(fn, x_star, params, g, throw, vjp=vjp, forward=solver, fx_norm=fx_norm)
     g_params = vjp(u)[1]
-    return jnp.zeros_like(x_star), g_params
+    return jnp.zeros_like(x_star), g_params, probe_cotangent(probe, out)
 
 
 _ift.defvjp(_ift_fwd, _ift_bwd)

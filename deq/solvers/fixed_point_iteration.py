@@ -22,6 +22,10 @@ class FixedPointIteration(AbstractSolver):
       atol: absolute tolerance of the same test.
       max_steps: most steps (evaluations of `f`) before giving up.
       damping: `beta` in `(0, 1]`; 1 is plain iteration.
+      divergence_limit: stop a sample with result DIVERGED once `||f(z)||` exceeds this multiple
+        of its start's scale `max(||z0||, ||f(z0)||)`.
+
+    `rtol = atol = 0` runs exactly `max_steps` steps (a fixed budget), reported as MAX_STEPS.
 
     Example:
       >>> import jax.numpy as jnp, deq
@@ -35,6 +39,7 @@ class FixedPointIteration(AbstractSolver):
     atol: float = 1e-6
     max_steps: int = 100
     damping: float = 1.0
+    divergence_limit: float = 1e4
 
     def __post_init__(self):
         check_tolerances(self)
