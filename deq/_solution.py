@@ -59,7 +59,7 @@ class RESULTS:
         ),
     }
 
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
         raise TypeError(
             "deq.RESULTS is a namespace of result codes, not a constructor: use "
             "deq.RESULTS.name(code) for the name, deq.RESULTS.describe(code) for the meaning, "
