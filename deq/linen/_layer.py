@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from .._solution import Solution
 from ..backward import IFT, AbstractBackward
-from ..nn._layer import _check_solver, default_initial_state, solve_with_hints
+from ..nn._layer import _check_solver, check_cell_input, initial_state, solve_with_hints
 from ..solvers import Anderson
 
 __all__ = ["DEQ"]
@@ -36,6 +36,7 @@ class _LinenCellMap:
     """`f(z, (variables, x)) = cell.apply(variables, z, x)`, hashable by the (unbound) cell."""
 
     __slots__ = ("cell", "__weakref__")
+    owner = "deq.linen.DEQ"
 
     def __init__(self, cell: nn.Module):
         self.cell = cell
@@ -52,6 +53,10 @@ class _LinenCellMap:
             return self.cell.apply(variables, z, x)
         except flax.errors.InvalidRngError as e:
             raise _rng_error(self.cell, e) from e
+        except flax.errors.ScopeParamShapeError as e:
+            # A parameter created for another input size: a ValueError, so the layer's hint
+            # (naming x and the sizes the cell's kernels take) is added to it.
+            raise ValueError(str(e)) from e
         except flax.errors.ModifyScopeVariableError as e:
             raise ValueError(
                 f"deq.linen.DEQ: the cell {type(self.cell).__name__} writes to a variable inside "
@@ -92,7 +97,11 @@ class DEQ(nn.Module):
     arguments, so `jax.grad` of `model.apply` differentiates them through `backward`.
 
     The initial state, when `z0` is not given, is `cell.init_state(x)` if the cell defines that
-    method, else zeros shaped like `x` (the state is assumed to have the input's shape).
+    method, else zeros shaped like `x` (the state is assumed to have the input's shape). As in
+    `deq.nn.DEQ`, a cell may define `check_input(x, *, batched)` to refuse a wrong input before
+    the solve, a given `z0` is checked against `cell.init_state(x)`, an empty batch is refused,
+    and a solve that fails on `x` is reported with `x`'s shape and the input sizes of the
+    cell's kernels.
 
     Attributes:
       cell: the Linen cell, `cell(z, x) -> z`.
@@ -179,9 +188,8 @@ class DEQ(nn.Module):
             solver = self.eval_solver
         else:
             solver = default_solver
-        guessed = False
-        if z0 is None:
-            z0, guessed = default_initial_state(self.cell, x)
+        check_cell_input(self.cell, x, self.batch_axis)
+        z0, origin = initial_state("deq.linen.DEQ", self.cell, x, z0, self.batch_axis)
         if self.is_initializing():
             try:
                 self.cell(z0, x)  # creates the cell's variables
@@ -191,7 +199,7 @@ class DEQ(nn.Module):
         _check_collections(type(self.cell).__name__, variables)
         f = _LinenCellMap(self.cell.clone(parent=None))
         sol: Solution = solve_with_hints(
-            f, z0, (variables, x), guessed=guessed, solver=solver, backward=backward,
+            f, z0, (variables, x), origin=origin, solver=solver, backward=backward,
             batch_axis=self.batch_axis, throw=self.throw,
         )
         return sol if return_solution else sol.value

@@ -19,6 +19,7 @@ from .._fixed_point import fixed_point
 from .._solution import Solution
 from ..backward import IFT, AbstractBackward
 from ..solvers import GMRES, AbstractSolver, Anderson
+from ._checks import check_nonempty_batch, check_state_like, describe
 
 __all__ = ["DEQ", "SolverConstant", "solution_info"]
 
@@ -132,6 +133,7 @@ class _CellMap:
     """
 
     __slots__ = ("graphdef", "__weakref__")
+    owner = "DEQ"
 
     def __init__(self, graphdef):
         self.graphdef = graphdef
@@ -180,11 +182,6 @@ def _float_dtype(a) -> Any:
     return dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
 
 
-def _describe(tree) -> str:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return ", ".join(f"{jnp.dtype(jnp.result_type(l)).name}{list(jnp.shape(l))}" for l in leaves)
-
-
 def default_initial_state(cell, x):
     """The initial state when none is given: `cell.init_state(x)` if defined, else zeros like `x`.
 
@@ -197,43 +194,156 @@ def default_initial_state(cell, x):
     return z0, True
 
 
-def _state_mismatch(f, z0, args) -> bool:
-    """Whether `f(z0, args)` fails or returns something not shaped like `z0`."""
+def check_cell_input(cell, x, batch_axis) -> None:
+    """Run the cell's own input check, `cell.check_input(x, batched=...)`, if it defines one.
+
+    The cells of `deq.nn.cells` and `deq.nn.ContractiveDense` define it: a wrong width, rank or
+    dtype of `x` is then refused with a message naming the sizes the cell expects, before the
+    solve.
+    """
+    check = getattr(cell, "check_input", None)
+    if callable(check):
+        check(x, batched=batch_axis == 0)
+
+
+def initial_state(owner: str, cell, x, z0, batch_axis):
+    """The checked initial state of a layer call, and where it came from.
+
+    Returns `(z0, origin)`: `origin` is "given" (passed by the user), "init_state" (from
+    `cell.init_state(x)`) or "zeros" (zeros shaped like `x`: the cell has no `init_state`).
+    A given `z0` is compared with `cell.init_state(x)` when the cell defines it; with
+    `batch_axis=0` an empty batch is refused.
+    """
+    if z0 is None:
+        z0, guessed = default_initial_state(cell, x)
+        origin = "zeros" if guessed else "init_state"
+        bad = [l for l in jax.tree_util.tree_leaves(z0) if not jnp.issubdtype(jnp.result_type(l), jnp.floating)]
+        if bad and origin == "init_state":
+            raise TypeError(
+                f"{owner}: the cell's initial state cell.init_state(x) is {describe(z0)} for the input "
+                f"`x` ({describe(x)}), but a state must be floating point. Pass a floating x (e.g. "
+                "x.astype(jnp.float32)), or make init_state(x) return a floating state."
+            )
+    else:
+        origin = "given"
+        init_state = getattr(cell, "init_state", None)
+        if callable(init_state):
+            try:
+                expected = jax.eval_shape(init_state, x)
+            except Exception:  # noqa: BLE001 - an init_state that fails on x is reported by the solve
+                expected = None
+            if expected is not None:
+                check_state_like(owner, z0, expected, "cell's state cell.init_state(x)")
+    if batch_axis == 0:
+        check_nonempty_batch(owner, x, z0)
+    return z0, origin
+
+
+def _probe(f, z0, args):
+    """`f(z0, args)` abstractly: None if it fails, else its output's shapes."""
     try:
-        out = jax.eval_shape(f, z0, args)
+        return jax.eval_shape(f, z0, args)
     except _CellStateError:
-        return False
-    except Exception:  # noqa: BLE001 - any failure of the cell at the guessed state counts
-        return True
-    same_tree = jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(z0)
-    shapes_out = [l.shape for l in jax.tree_util.tree_leaves(out)]
-    shapes_z0 = [jnp.shape(l) for l in jax.tree_util.tree_leaves(z0)]
-    return not same_tree or shapes_out != shapes_z0
+        raise
+    except Exception:  # noqa: BLE001 - any failure of the cell counts
+        return None
 
 
-def solve_with_hints(f, z0, args, *, guessed, **kwargs) -> Solution:
-    """`deq.fixed_point` with DEQ-specific hints added to errors caused by the initial state."""
+def _same_shapes(a, b) -> bool:
+    same_tree = jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    return same_tree and [jnp.shape(l) for l in jax.tree_util.tree_leaves(a)] == [
+        jnp.shape(l) for l in jax.tree_util.tree_leaves(b)
+    ]
+
+
+def _input_sizes(params) -> str:
+    """The input sizes the cell's dense/conv layers take, read off their kernels (a hint)."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        keys = [k for k in keys if k not in ("value", "params")]
+        if keys and keys[-1] == "kernel" and jnp.ndim(leaf) >= 2:
+            found.append(f"{'.'.join(keys[:-1]) or 'kernel'}: {jnp.shape(leaf)[-2]}")
+    if not found:
+        return ""
+    shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+    return f" (the input sizes of the cell's layers, from their kernels: {shown})"
+
+
+def _cell_of(f, params):
+    """The cell a layer's map `f` applies (an unbound Linen module, or the merged nnx module)."""
+    if hasattr(f, "cell"):
+        return f.cell
+    try:
+        return nnx.merge(f.graphdef, params)
+    except Exception:  # noqa: BLE001 - only used in a message
+        return None
+
+
+def _hint(f, z0, args, origin: str) -> Optional[str]:
+    """The message explaining a failed solve by the input or the initial state, or None."""
+    owner = getattr(f, "owner", "DEQ")
+    params, x = args
+    out = _probe(f, z0, args)
+    if out is not None and _same_shapes(out, z0):
+        return None  # the cell maps z0 to a state of its shape: not an input problem
+    if origin == "zeros":
+        return (
+            f"{owner}: solving from the default initial state failed. The cell has no "
+            f"init_state(x) method, so {owner} assumed the state has the same shape as the input "
+            f"x and started from zeros shaped like x ({describe(z0)}), but the cell does not "
+            f"map that to a state of the same shape. Define cell.init_state(x) returning the "
+            f"initial state (e.g. zeros of shape (batch, hidden)), or pass z0 to the layer."
+        )
+    cell = _cell_of(f, params)
+    name = type(cell).__name__ if cell is not None else "cell"
+    expects = f"x must have the shape and dtype the cell expects{_input_sizes(params)}"
+    if origin == "init_state":
+        if out is None:
+            return (
+                f"{owner}: the cell {name} failed on the input `x` ({describe(x)}), started from "
+                f"its initial state cell.init_state(x) ({describe(z0)}). {expects}: pass x shaped "
+                "as the cell's input, or build the cell for this input size."
+            )
+        return (
+            f"{owner}: cell.init_state(x) returned {describe(z0)} for the input `x` ({describe(x)}), "
+            f"but the cell {name} maps it to {describe(out)}. Make init_state(x) return a state "
+            "shaped like the cell's output."
+        )
+    if out is not None:
+        return (
+            f"{owner}: the given `z0` ({describe(z0)}) does not match the cell's state: the cell "
+            f"{name} maps it to {describe(out)}. Pass z0 shaped like the cell's output "
+            "(cell.init_state(x) returns one, if defined), or omit z0."
+        )
+    if callable(getattr(cell, "init_state", None)):
+        culprit = f"the given `z0` ({describe(z0)}) is shaped like cell.init_state(x), so `x` is the suspect"
+    else:
+        culprit = (
+            f"either `x` or the given `z0` ({describe(z0)}, which must be shaped like the cell's "
+            "output) does not match the cell"
+        )
+    return (
+        f"{owner}: the cell {name} failed on the input `x` ({describe(x)}): {culprit}. {expects}; "
+        "pass x shaped as the cell's input, and z0 shaped like the cell's output (or omit z0)."
+    )
+
+
+def solve_with_hints(f, z0, args, *, origin: str, **kwargs) -> Solution:
+    """`deq.fixed_point` with DEQ-specific hints added to errors caused by the input or the state.
+
+    `origin` says where `z0` came from ("given", "init_state" or "zeros", see `initial_state`),
+    so the message blames `z0` only when the user passed it.
+    """
     try:
         return fixed_point(f, z0, args, **kwargs)
     except _CellStateError:
         raise
     except (ValueError, TypeError) as e:
-        if guessed and _state_mismatch(f, z0, args):
-            raise ValueError(
-                f"DEQ: solving from the default initial state failed. The cell has no "
-                f"init_state(x) method, so DEQ assumed the state has the same shape as the input "
-                f"x and started from zeros shaped like x ({_describe(z0)}), but the cell does not "
-                f"map that to a state of the same shape. Define cell.init_state(x) returning the "
-                f"initial state (e.g. zeros of shape (batch, hidden)), or pass z0 to the layer."
-                f"\nOriginal error: {e}"
-            ) from e
-        if not guessed and ("shaped like `z0`" in str(e) or _state_mismatch(f, z0, args)):
-            raise ValueError(
-                f"DEQ: the given z0 ({_describe(z0)}) does not match the cell's state. Pass z0 "
-                f"shaped like the cell's output (cell.init_state(x) returns one, if defined), "
-                f"or omit z0.\nOriginal error: {e}"
-            ) from e
-        raise
+        hint = _hint(f, z0, args, origin)
+        if hint is None:
+            raise
+        raise ValueError(f"{hint}\nOriginal error: {e}") from e
 
 
 def solution_info(sol: Solution) -> dict:
@@ -290,6 +400,14 @@ class DEQ(nnx.Module):
       `init_state` or pass `z0`.
     - `before_solve(x)`: called once per forward pass on the real module before solving;
       the place to update `SolverConstant` buffers (e.g. a spectral-norm power iteration).
+    - `check_input(x, *, batched)`: called first, once per forward pass (`batched` is
+      `batch_axis == 0`); raise a `ValueError`/`TypeError` naming what the cell expects if `x`
+      is not an input it accepts. The cells of `deq.nn.cells` and `deq.nn.ContractiveDense`
+      check the width, rank and dtype of `x` this way. For other cells, a solve that fails on
+      `x` is reported with `x`'s shape and the input sizes of the cell's kernels.
+
+    A given `z0` is checked against `cell.init_state(x)` (when defined), and with `batch_axis=0`
+    an empty batch (axis 0 of size 0) is refused with a `ValueError`.
 
     **Training and evaluation.** `layer.eval()` (or `model.eval()` on a model containing it, or
     `nnx.view(model, deterministic=True)`) sets `deterministic=True`, and the layer then solves
@@ -410,16 +528,15 @@ class DEQ(nnx.Module):
     @strict_kwargs
     def __call__(self, x, z0=None, *, return_solution: bool = False, solver: Optional[AbstractSolver] = None):
         solver = self.active_solver(solver)
+        check_cell_input(self.cell, x, self.batch_axis)
         before_solve = getattr(self.cell, "before_solve", None)
         if callable(before_solve):
             before_solve(x)
         check_cell(self.cell)
-        guessed = False
-        if z0 is None:
-            z0, guessed = default_initial_state(self.cell, x)
+        z0, origin = initial_state("DEQ", self.cell, x, z0, self.batch_axis)
         graphdef, state = nnx.split(self.cell)
         sol = solve_with_hints(
-            _CellMap(graphdef), z0, (state, x), guessed=guessed, solver=solver,
+            _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
             backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
         )
         return sol if return_solution else sol.value

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._checks import check_input
+
 __all__ = [
     "ConvCell",
     "DenseCell",
@@ -90,6 +92,19 @@ def _norm(features: int, num_groups: int | None, rngs: nnx.Rngs) -> nnx.Module:
     if num_groups is None:
         return nnx.LayerNorm(features, rngs=rngs)
     return nnx.GroupNorm(features, num_groups=num_groups, rngs=rngs)
+
+
+def _check_cell_input(owner: str, x, size: int, size_name: str, inject, inject_name: str, *, sample: str,
+                      batched: bool, fix: str, exact: bool = False) -> jax.Array:
+    """A cell's input check: float `x` shaped `(B, *sample, n)`, `n` the injection's input size if
+    the cell owns an injection (`inject`), else the state's `size` (the caller projects `x`)."""
+    if inject is not None:
+        size, size_name = inject.in_features, inject_name
+        fix = f"Pass x with {size} features on its last axis, or build the cell with {inject_name}=<x's last axis>."
+    layout = f"({'B, ' if batched else '' if sample else '..., '}{sample}{size})"
+    rank = sample.count(",") + 1 + batched
+    return check_input(owner, x, layout=layout, last=size, last_name=size_name, fix=fix,
+                       **({"ndim": rank} if exact else {"min_ndim": rank}))
 
 
 class WeightNormLinear(nnx.Module):
@@ -255,11 +270,21 @@ class DenseCell(nnx.Module):
             self.norm2 = _norm(features, num_groups, rngs)
             self.norm3 = _norm(features, num_groups, rngs)
 
+    def check_input(self, x, *, batched: bool = True) -> jax.Array:
+        """Raise unless `x` is a float `(batch, ..., in_size)` array (`in_size`: `in_features` if
+        given, else `features`); `batched=False` drops the batch axis. `deq.nn.DEQ` calls it."""
+        return _check_cell_input(
+            "DenseCell", x, self.features, "features", self.inject, "in_features", sample="", batched=batched,
+            fix=f"Project the input to {self.features} features first, or build DenseCell({self.features}, "
+                "in_features=<x's last axis>, ...) to project it inside the cell.",
+        )
+
     def init_state(self, x: jax.Array) -> jax.Array:
         """Zeros of shape `x.shape[:-1] + (features,)`."""
         return jnp.zeros(x.shape[:-1] + (self.features,), jnp.result_type(x, jnp.float32))
 
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        self.check_input(x, batched=False)
         u = x if self.inject is None else self.inject(x)
         if not self.use_norm:
             return jax.nn.relu(u + self.lin2(jax.nn.relu(self.lin1(z))))
@@ -321,14 +346,29 @@ class ConvCell(nnx.Module):
         self.norm2 = nnx.GroupNorm(channels, num_groups=groups, rngs=rngs)
         self.norm3 = nnx.GroupNorm(channels, num_groups=groups, rngs=rngs)
 
+    def check_input(self, x, *, batched: bool = True) -> jax.Array:
+        """Raise unless `x` is a float NHWC array `(B, H, W, in_size)` (`in_size`: `in_channels`
+        if given, else `channels`). `deq.nn.DEQ` calls it before the solve."""
+        return _check_nhwc("ConvCell", x, self.channels, self.inject)
+
     def init_state(self, x: jax.Array) -> jax.Array:
         """Zeros of shape `x.shape[:-1] + (channels,)`."""
         return jnp.zeros(x.shape[:-1] + (self.channels,), jnp.result_type(x, jnp.float32))
 
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        self.check_input(x)
         u = x if self.inject is None else self.inject(x)
         y = self.norm1(jax.nn.relu(self.conv1(z)))
         return self.norm3(jax.nn.relu(z + self.norm2(u + self.conv2(y))))
+
+
+def _check_nhwc(owner: str, x, channels: int, inject) -> jax.Array:
+    """The NHWC input check of the convolutional cells (`inject`: the cell's injection conv or None)."""
+    return _check_cell_input(
+        owner, x, channels, "channels", inject, "in_channels", sample="H, W, ", batched=True, exact=True,
+        fix=f"Map the input to {channels} channels first (e.g. a stem convolution), or build the cell with "
+            "in_channels=<x's channels>. Add a channel axis with x[..., None] for grayscale images.",
+    )
 
 
 class _Down(nnx.Module):
@@ -428,10 +468,18 @@ class MultiscaleCell(nnx.Module):
                 up[f"{j}to{i}"] = _Up(channels[j], channels[i], 2 ** (j - i), rngs=rngs, init_scale=init_scale)
         self.up = nnx.Dict(up)
 
+    def check_input(self, x, *, batched: bool = True) -> jax.Array:
+        """Raise unless `x` is a float NHWC array `(B, H, W, in_size)` (`in_size`: `in_channels`
+        if given, else `channels[0]`). `deq.nn.DEQ` calls it before the solve."""
+        return _check_nhwc("MultiscaleCell", x, self.channels[0], self.inject)
+
     def init_state(self, x: jax.Array) -> tuple:
         """The zero state: a tuple of `(B, ceil(H / 2^i), ceil(W / 2^i), channels[i])` arrays."""
-        if x.ndim != 4:
-            raise ValueError(f"MultiscaleCell: `x` must be NHWC (B, H, W, C), got shape {x.shape}.")
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"MultiscaleCell: `x` must be NHWC (B, H, W, C), got shape {jnp.shape(x)}. Add a channel "
+                "axis with x[..., None] for grayscale images, or a batch axis with x[None] for one image."
+            )
         B, H, W, _ = x.shape
         dtype = jnp.result_type(x, jnp.float32)
         out, h, w = [], H, W
@@ -444,6 +492,7 @@ class MultiscaleCell(nnx.Module):
         z = tuple(z)
         if len(z) != len(self.channels):
             raise ValueError(f"MultiscaleCell: state has {len(z)} resolutions, expected {len(self.channels)}.")
+        self.check_input(x)
         u = x if self.inject is None else self.inject(x)
         out = []
         for i, zi in enumerate(z):
@@ -516,6 +565,16 @@ class TransformerCell(nnx.Module):
         self.fc2 = nnx.Linear(mlp_ratio * d_model, d_model, rngs=rngs, kernel_init=small)
         self.ln3 = nnx.LayerNorm(d_model, rngs=rngs)
 
+    def check_input(self, x, *, batched: bool = True) -> jax.Array:
+        """Raise unless `x` is a float `(B, T, in_size)` sequence (`in_size`: `in_features` if
+        given, else `d_model`); `batched=False` drops the batch axis. `deq.nn.DEQ` calls it."""
+        return _check_cell_input(
+            "TransformerCell", x, self.d_model, "d_model", self.inject, "in_features", sample="T, ",
+            batched=batched,
+            fix=f"Embed the tokens to d_model={self.d_model} first (integer ids go through an nnx.Embed "
+                "outside the cell), or build the cell with in_features=<x's last axis>.",
+        )
+
     def init_state(self, x: jax.Array) -> jax.Array:
         """Zeros of shape `x.shape[:-1] + (d_model,)`."""
         return jnp.zeros(x.shape[:-1] + (self.d_model,), jnp.result_type(x, jnp.float32))
@@ -528,6 +587,7 @@ class TransformerCell(nnx.Module):
         return self.proj(o.reshape(*lead, T, d))
 
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        self.check_input(x, batched=False)
         u = z + (x if self.inject is None else self.inject(x))
         h = u + self._attention(self.ln1(u))
         return self.ln3(h + self.fc2(jax.nn.gelu(self.fc1(self.ln2(h)))))

@@ -17,6 +17,8 @@ from flax import nnx
 
 from deq._linalg import cheap_bounds, spectral_norm, svd_with_retry
 
+from ._checks import check_input
+
 __all__ = ["ContractiveDense", "spectral_norm_upper_bound"]
 
 _ACTIVATIONS = {
@@ -214,18 +216,21 @@ class ContractiveDense(nnx.Module):
 
     def init_state(self, x: jax.Array) -> jax.Array:
         """The zero state `(..., features)` for input `x` of shape `(..., in_features)`."""
-        self._check_x(x)
+        self.check_input(x, batched=False)
         return jnp.zeros(jnp.shape(x)[:-1] + (self.features,), jnp.result_type(x))
 
-    def _check_x(self, x) -> None:
-        if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != self.in_features:
-            raise ValueError(
-                f"ContractiveDense: `x` must have last axis in_features={self.in_features}, got shape "
-                f"{jnp.shape(x)}. Pass x of shape (..., {self.in_features})."
-            )
+    def check_input(self, x, *, batched: bool = True) -> jax.Array:
+        """Raise unless `x` is a float `(batch, ..., in_features)` array (`batched=False` drops
+        the batch axis). `deq.nn.DEQ` calls it before the solve."""
+        n = self.in_features
+        return check_input(
+            "ContractiveDense", x, layout=f"(batch, {n})" if batched else f"(..., {n})",
+            min_ndim=2 if batched else 1, last=n, last_name="in_features",
+            fix=f"Pass x of shape (batch, {n}), or build ContractiveDense(features, <x's last axis>, ...).",
+        )
 
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
-        self._check_x(x)
+        self.check_input(x, batched=False)
         if jnp.ndim(z) < 1 or jnp.shape(z)[-1] != self.features:
             raise ValueError(
                 f"ContractiveDense: `z` must have last axis features={self.features}, got shape "
