@@ -19,6 +19,7 @@ from flax import nnx
 
 from .._api import strict_kwargs
 from ..nn import solution_info
+from ..nn._checks import check_input, check_nonempty_batch, check_state_like, flatten_input
 from ._operators import PADDINGS, MonotoneConv, MonotoneDense, _check_m
 from ._splitting import _METHODS, PeacemanRachford, monotone_fixed_point
 
@@ -72,10 +73,27 @@ class _MonDEQBase(nnx.Module):
             return self.eval_method
         return self.method
 
-    def _solve(self, x, z0, return_solution, method, sample_ndim):
+    def _check_call(self, x, z0, sample_layout: str, size: int, size_name: str, state_size: int):
+        """Check `x` (rank, last axis, dtype) and `z0` (the state's shape) before the solve."""
+        owner = type(self).__name__
+        sample_ndim = sample_layout.count(",") + 1
+        one = f"({sample_layout}{',' if sample_ndim == 1 else ''})"
+        x = check_input(
+            owner, x, layout=f"(batch, {sample_layout}) or {one} for one sample",
+            ndim=(sample_ndim, sample_ndim + 1), last=size, last_name=size_name,
+            fix=f"Pass x of shape (batch, {sample_layout}), or build the layer with {size_name}=<x's last axis>."
+            + (" Add a channel axis with x[..., None] for grayscale images." if sample_ndim == 3 else ""),
+        )
+        batched = jnp.ndim(x) == sample_ndim + 1
+        if z0 is not None:
+            state = jax.ShapeDtypeStruct(jnp.shape(x)[:-1] + (state_size,), jnp.result_type(x))
+            check_state_like(owner, z0, state, "layer's state")
+        if batched:
+            check_nonempty_batch(owner, x, z0)
+        return x, (0 if batched else None)
+
+    def _solve(self, x, z0, return_solution, method, batch_axis):
         op = self.operator()
-        x = jnp.asarray(x)
-        batch_axis = 0 if x.ndim == sample_ndim + 1 else None
         sol = monotone_fixed_point(
             op, x, method=self.active_method(method), backward=self.backward, z0=z0,
             batch_axis=batch_axis, throw=self.throw,
@@ -161,7 +179,8 @@ class MonDEQ(_MonDEQBase):
 
     @strict_kwargs
     def __call__(self, x, z0=None, *, return_solution: bool = False, method=None):
-        return self._solve(x, z0, return_solution, method, sample_ndim=1)
+        x, batch_axis = self._check_call(x, z0, f"{self.in_features}", self.in_features, "in_features", self.hidden)
+        return self._solve(x, z0, return_solution, method, batch_axis)
 
 
 class MonDEQConv(_MonDEQBase):
@@ -239,7 +258,9 @@ class MonDEQConv(_MonDEQBase):
 
     @strict_kwargs
     def __call__(self, x, z0=None, *, return_solution: bool = False, method=None):
-        return self._solve(x, z0, return_solution, method, sample_ndim=3)
+        x, batch_axis = self._check_call(x, z0, f"H, W, {self.in_channels}", self.in_channels, "in_channels",
+                                         self.channels)
+        return self._solve(x, z0, return_solution, method, batch_axis)
 
 
 class MonDEQClassifier(nnx.Module):
@@ -291,12 +312,6 @@ class MonDEQClassifier(nnx.Module):
         self.in_features = in_features
 
     def __call__(self, x):
-        x = jnp.asarray(x)
-        x = x.reshape(x.shape[0], -1)
-        if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"MonDEQClassifier: inputs flatten to {x.shape[1]} features per sample, expected "
-                f"in_features={self.in_features}."
-            )
+        x = flatten_input("MonDEQClassifier", x, self.in_features)
         sol = self.deq(x, return_solution=True)
         return self.head(sol.value), solution_info(sol)

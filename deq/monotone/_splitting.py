@@ -42,6 +42,7 @@ from .._api import check_tolerances, frozen, strict_kwargs
 from .._solution import Solution, Stats
 from ..backward._base import report
 from ..solvers._base import AbstractSolver
+from ..nn._checks import check_input, check_nonempty_batch, check_state_like
 from ._operators import MonotoneConv, MonotoneDense
 
 
@@ -314,8 +315,14 @@ def _validate(op, x, method, backward, batch_axis, throw):
             f"monotone_fixed_point: `x` must be shaped {kind} with batch_axis=0 (drop the batch "
             f"axis for batch_axis=None), got shape {jnp.shape(x)} with batch_axis={batch_axis!r}."
         )
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"monotone_fixed_point: `x` must be floating point, got {jnp.result_type(x)}.")
+    if isinstance(op, MonotoneDense):
+        size, name, layout = op.U.shape[1], "in_features", f"(batch, {op.U.shape[1]})"
+    else:
+        size, name, layout = op.U.shape[2], "in_channels", f"(batch, H, W, {op.U.shape[2]})"
+    check_input("monotone_fixed_point", x, layout=layout, last=size, last_name=f"{name} (op.U's input size)",
+                fix=f"Pass x with {size} features on its last axis, or build the operator for this input.")
+    if batch_axis == 0:
+        check_nonempty_batch("monotone_fixed_point", x)
 
 
 def _impl(op, x, z0, method, backward, batch_axis, throw):
@@ -331,10 +338,9 @@ def _impl(op, x, z0, method, backward, batch_axis, throw):
     if z0 is None:
         z0 = jnp.zeros_like(c)
     elif jnp.shape(z0) != c.shape:
-        raise ValueError(
-            f"monotone_fixed_point: `z0` must be shaped like the state {c.shape[1:]} (per "
-            f"sample), got {jnp.shape(z0)}."
-        )
+        state = c[0] if batch_axis is None else c
+        got = z0[0] if batch_axis is None else z0
+        check_state_like("monotone_fixed_point", got, state, "state (per sample: " f"{c.shape[1:]})")
     z, out = _solve(method, backward, throw, op, c, jnp.asarray(z0, c.dtype))
     if throw:
         z = report("the monDEQ forward splitting solve", out, z, throw=True, warn=False)

@@ -53,6 +53,7 @@ from flax import nnx
 
 from ..backward import IFT
 from ..solvers import Anderson
+from ._checks import check_input, check_nonempty_batch, flatten_input
 from .cells import ConvCell, DenseCell, MultiscaleCell, TransformerCell
 
 __all__ = [
@@ -109,9 +110,10 @@ def _make_deq(cell, solver, backward, eval_solver):
     )
 
 
-def _solve(layer, u):
+def _solve(layer, u, owner: str, x):
     from ._layer import solution_info
 
+    check_nonempty_batch(owner, x)
     sol = layer(u, return_solution=True)
     return sol.value, solution_info(sol)
 
@@ -121,27 +123,13 @@ def _check_int(owner: str, name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{owner}: `{name}` must be an int >= {minimum}, got {value!r}.")
 
 
-def _flatten(owner: str, x: jax.Array, in_features: int) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.ndim < 1:
-        raise ValueError(f"{owner}: `x` must have a leading batch axis, got a scalar.")
-    flat = x.reshape(x.shape[0], -1)
-    if flat.shape[1] != in_features:
-        raise ValueError(
-            f"{owner}: expected inputs with {in_features} features per sample (after flattening), "
-            f"got x of shape {x.shape} ({flat.shape[1]} features). Pass in_features={flat.shape[1]}."
-        )
-    return flat
-
-
 def _check_image(owner: str, x: jax.Array, in_channels: int) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.ndim != 4 or x.shape[-1] != in_channels:
-        raise ValueError(
-            f"{owner}: expected NHWC images (B, H, W, {in_channels}), got shape {x.shape}. "
-            "Add a channel axis with x[..., None] for grayscale images."
-        )
-    return x
+    return check_input(
+        owner, x, layout=f"NHWC images (B, H, W, {in_channels})", ndim=4, last=in_channels,
+        last_name="in_channels",
+        fix="Add a channel axis with x[..., None] for grayscale images, a batch axis with x[None] for "
+            "one image, or build the model with in_channels=<x's channels>.",
+    )
 
 
 def _depth_info(depth: int) -> dict:
@@ -188,7 +176,7 @@ class _DenseBase(nnx.Module):
         self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
 
     def _encode(self, x):
-        return self.encoder(_flatten(type(self).__name__, x, self.in_features))
+        return self.encoder(flatten_input(type(self).__name__, x, self.in_features))
 
 
 class DEQClassifier(_DenseBase):
@@ -250,7 +238,7 @@ class DEQClassifier(_DenseBase):
         self.deq = _make_deq(cell, solver, backward, eval_solver)
 
     def __call__(self, x):
-        z, info = _solve(self.deq, self._encode(x))
+        z, info = _solve(self.deq, self._encode(x), type(self).__name__, x)
         return self.head(z), info
 
 
@@ -451,7 +439,7 @@ class ConvDEQClassifier(_ConvBase):
         self.deq = _make_deq(cell, solver, backward, eval_solver)
 
     def __call__(self, x):
-        z, info = _solve(self.deq, self._encode(x))
+        z, info = _solve(self.deq, self._encode(x), type(self).__name__, x)
         return self._readout(z), info
 
 
@@ -620,7 +608,7 @@ class MultiscaleDEQClassifier(nnx.Module):
 
     def __call__(self, x):
         u = self.stem(_check_image(type(self).__name__, x, self.in_channels))
-        z, info = _solve(self.deq, u)
+        z, info = _solve(self.deq, u, type(self).__name__, x)
         pooled = jnp.concatenate([jnp.mean(zi, axis=(1, 2)) for zi in z], axis=-1)
         return self.head(pooled), info
 
@@ -712,27 +700,49 @@ class TransformerDEQClassifier(nnx.Module):
         self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 
     def __call__(self, tokens):
-        tokens = jnp.asarray(tokens)
-        owner = type(self).__name__
-        if self.vocab_size is not None:
-            if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-                raise ValueError(
-                    f"{owner}: expected integer tokens of shape (B, T), got {tokens.dtype}{list(tokens.shape)}. "
-                    "For float features (B, T, F) build the model with vocab_size=None, in_features=F."
-                )
-        elif tokens.ndim != 3 or tokens.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{owner}: expected float features of shape (B, T, {self.in_features}), got shape "
-                f"{tuple(tokens.shape)}."
-            )
+        tokens = self._check_tokens(tokens)
         T = tokens.shape[1]
         if T > self.max_len:
-            raise ValueError(f"{owner}: sequence length {T} exceeds max_len={self.max_len}; build with a larger max_len.")
+            raise ValueError(
+                f"{type(self).__name__}: `tokens` has sequence length {T} (shape {tuple(tokens.shape)}), "
+                f"which exceeds max_len={self.max_len}; build the model with max_len>={T} or cut the sequences."
+            )
+        if self.vocab_size is not None:
+            # Out-of-range ids would be clamped or wrapped (-1 reads the last row) by the lookup:
+            # map them past the table, where the lookup returns NaN, so the solve reports
+            # non-convergence instead of a plausible answer.
+            bad = (tokens < 0) | (tokens >= self.vocab_size)
+            tokens = jnp.where(bad, self.vocab_size, tokens)
         u = self.embed(tokens) + self.pos[...][:T]
-        z, info = _solve(self.deq, u)
+        z, info = _solve(self.deq, u, type(self).__name__, tokens)
         if not self.per_token:
             z = z[:, -1] if self.causal else jnp.mean(z, axis=1)
         return self.head(z), info
+
+    def _check_tokens(self, tokens):
+        owner = type(self).__name__
+        if self.vocab_size is None:
+            return check_input(
+                owner, tokens, layout=f"(B, T, {self.in_features})", ndim=3, last=self.in_features,
+                name="tokens", fix=f"Pass float features of shape (B, T, {self.in_features}) (e.g. bits[..., None]).",
+            )
+        fix = "For float features (B, T, F) build the model with vocab_size=None, in_features=F."
+        tokens = check_input(owner, tokens, layout="(B, T)", ndim=2, dtype=None, name="tokens", fix=fix)
+        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise TypeError(
+                f"{owner}: `tokens` must be integer token ids in [0, vocab_size={self.vocab_size}) of shape "
+                f"(B, T), got {jnp.dtype(jnp.result_type(tokens)).name}{list(jnp.shape(tokens))}. {fix}"
+            )
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if lo < 0 or hi >= self.vocab_size:
+                fix = ("remove the negative ids (padding or masks)" if lo < 0
+                       else f"build the model with vocab_size>={hi + 1}")
+                raise ValueError(
+                    f"{owner}: `tokens` must be ids in [0, vocab_size={self.vocab_size}), got values in "
+                    f"[{lo}, {hi}]. Encode the text with the model's vocabulary, or {fix}."
+                )
+        return jnp.asarray(tokens)
 
 
 class TransformerDEQLM(TransformerDEQClassifier):
