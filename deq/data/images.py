@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deq.data._checks import check_int, check_same_length
+from deq.data._checks import check_finite, check_int, check_labels, check_same_length, read_npz
 from deq.data.dataset import Dataset, split_train_test
 
 NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
@@ -69,8 +69,12 @@ def load_npz(path: str | os.PathLike[str], *, name: str, num_classes: int | None
       A :class:`Dataset` with float32 ``(N, H, W, C)`` inputs and int32 ``(N,)`` labels.
 
     Raises:
-      FileNotFoundError: ``path`` does not exist (the message says how to create it).
-      ValueError: a key is missing, shapes disagree, or labels are out of range.
+      FileNotFoundError: ``path`` does not exist or is a directory (the message says how to
+        create it).
+      ValueError: the file is empty, truncated, corrupt or not an ``.npz`` archive; a key is
+        missing; shapes or sample counts disagree; pixels are NaN/inf, not real numbers, or
+        integers outside 0..255; labels are not integers, negative or ``>= num_classes``;
+        ``x_train`` is empty. Each message names the path and the array.
 
     Example:
       >>> import os, tempfile, numpy as np
@@ -85,17 +89,27 @@ def load_npz(path: str | os.PathLike[str], *, name: str, num_classes: int | None
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}. Fix: pass e.g. name='mnist'.")
-    arrays = _read_npz(Path(path), name)
-    x_train, x_test = _to_images(arrays["x_train"], "x_train"), _to_images(arrays["x_test"], "x_test")
-    y_train, y_test = _to_labels(arrays["y_train"], "y_train"), _to_labels(arrays["y_test"], "y_test")
-    check_same_length("x_train", x_train, "y_train", y_train)
-    check_same_length("x_test", x_test, "y_test", y_test)
+    if num_classes is not None:
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+    path = Path(path)
+    where = f" in {str(path)!r}"
+    arrays = _read_npz(path, name)
+    x_train, x_test = (_to_images(arrays[k], k, where) for k in ("x_train", "x_test"))
+    y_train, y_test = (_to_labels(arrays[k], k, where, num_classes) for k in ("y_train", "y_test"))
+    check_same_length("x_train", x_train, "y_train", y_train, where)
+    check_same_length("x_test", x_test, "y_test", y_test, where)
+    if not len(x_train):
+        raise ValueError(
+            f"x_train{where} holds no samples (shape {arrays['x_train'].shape}): a training split "
+            "needs at least one image. Fix: re-save the file with the training images."
+        )
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(
-            f"x_train and x_test in {path} must have the same image shape, got "
+            f"x_train and x_test{where} must have the same image shape, got "
             f"{x_train.shape[1:]} and {x_test.shape[1:]}. Fix: re-save the file with matching images."
         )
-    num_classes = _resolve_num_classes(num_classes, y_train, y_test)
+    if num_classes is None:
+        num_classes = max(int(y.max()) + 1 if y.size else 1 for y in (y_train, y_test))
     return Dataset(x_train, y_train, x_test, y_test, num_classes, name, x_train.shape[1:])
 
 
@@ -173,63 +187,54 @@ def _load_fixed_shape(
 
 
 def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+    fix = (
+        f"Fix: re-create it once on a machine with network access, e.g. numpy.savez({str(path)!r}, "
+        "x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test) with images "
+        "(N, H, W[, C]) uint8 and integer labels (N,), then copy it here."
+    )
     if not path.is_file():
+        kind = "is a directory, not a file" if path.is_dir() else "not found"
         raise FileNotFoundError(
-            f"{name} data file not found: expected an .npz file at {str(path)!r} with keys "
-            f"{list(NPZ_KEYS)}. Create it once on a machine with network access, e.g. "
-            f"numpy.savez({str(path)!r}, x_train=x_train, y_train=y_train, "
-            f"x_test=x_test, y_test=y_test) with images (N, H, W[, C]) uint8 and "
-            f"integer labels (N,), then copy it here."
+            f"{name} data file {kind}: expected an .npz file at {str(path)!r} with keys "
+            f"{list(NPZ_KEYS)}. {fix}"
         )
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [key for key in NPZ_KEYS if key not in npz.files]
-        if missing:
-            raise ValueError(
-                f"{name} file {str(path)!r} must contain keys {list(NPZ_KEYS)}, missing "
-                f"{missing} (found {sorted(npz.files)}). Fix: re-save it with "
-                f"numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
-            )
-        return {key: npz[key] for key in NPZ_KEYS}
+    return read_npz(path, NPZ_KEYS, what=f"{name} data", fix=fix)
 
 
-def _to_images(x: np.ndarray, key: str) -> np.ndarray:
+def _to_images(x: np.ndarray, key: str, where: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     elif x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
         x = np.transpose(x, (0, 2, 3, 1))
     elif x.ndim != 4:
         raise ValueError(
-            f"{key} must be images shaped (N, H, W) or (N, H, W, C), got shape {x.shape}. "
+            f"{key}{where} must be images shaped (N, H, W) or (N, H, W, C), got shape {x.shape}. "
             f"Fix: reshape the images before saving the .npz."
         )
     if np.issubdtype(x.dtype, np.integer):
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError(
+                f"{key}{where} holds integer pixels in [{x.min()}, {x.max()}], expected uint8 values "
+                "in 0..255 (they are divided by 255). Fix: save uint8 pixels, or float pixels already "
+                "scaled as the model should see them."
+            )
         return x.astype(np.float32) / np.float32(255.0)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"{key}{where} must hold real-valued pixels (uint8 0..255 or float), got dtype {x.dtype}. "
+            "Fix: save the images as uint8 or float32."
+        )
+    check_finite(key, x, where)
     return x.astype(np.float32)
 
 
-def _to_labels(y: np.ndarray, key: str) -> np.ndarray:
+def _to_labels(y: np.ndarray, key: str, where: str, num_classes: int | None) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(
-            f"{key} must be integer labels shaped (N,) or (N, 1), got shape {y.shape} "
+            f"{key}{where} must be integer labels shaped (N,) or (N, 1), got shape {y.shape} "
             f"dtype {y.dtype}. Fix: save class indices (not one-hot) as integers."
         )
+    check_labels(key, y, where, num_classes)
     return y.astype(np.int32)
-
-
-def _resolve_num_classes(num_classes: int | None, *labels: np.ndarray) -> int:
-    present = [y for y in labels if y.size]
-    low = min((int(y.min()) for y in present), default=0)
-    high = max((int(y.max()) for y in present), default=-1)
-    if low < 0:
-        raise ValueError(f"labels must be >= 0, got a minimum label of {low}. Fix: remap labels to 0..K-1.")
-    if num_classes is None:
-        return max(high + 1, 1)
-    num_classes = check_int("num_classes", num_classes, minimum=1)
-    if high >= num_classes:
-        raise ValueError(
-            f"labels must lie in [0, num_classes={num_classes}), got a maximum label of "
-            f"{high}. Fix: pass num_classes={high + 1} or remap the labels."
-        )
-    return num_classes

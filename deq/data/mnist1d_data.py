@@ -17,11 +17,12 @@ import functools
 import os
 import random
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from deq.data._checks import check_int, check_seed
+from deq.data._checks import check_finite, check_int, check_labels, check_seed, read_npz
 from deq.data.dataset import Dataset, split_train_test
 
 SEQ_LEN: int = 40
@@ -47,7 +48,10 @@ def load_mnist1d(
         generator makes ``num_samples // 10`` per class).
       test_fraction: fraction in ``[0, 1)`` of the samples used for the test split.
       seed: non-negative integer seed of both the generator and the split.
-      cache_dir: optional directory for an on-disk cache (created if missing).
+      cache_dir: optional directory for an on-disk cache (created if missing). A cache file
+        that cannot be read or does not hold the expected arrays (truncated, wrong shape,
+        non-finite signals, labels outside ``[0, 10)``) is regenerated, with a
+        ``RuntimeWarning`` naming it.
 
     Returns:
       A :class:`Dataset` with ``x`` float32 ``(N, 40)`` (the generator's
@@ -93,16 +97,41 @@ def _generate(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_or_generate(cache_dir: Path, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(
+            f"cache_dir {str(cache_dir)!r} exists and is not a directory: expected a directory for "
+            f"the MNIST-1D cache files. Fix: pass another cache_dir, or cache_dir=None for no disk cache."
+        )
     path = cache_dir / f"mnist1d_n{num_samples}_seed{seed}.npz"
     if path.is_file():
-        with np.load(path, allow_pickle=False) as npz:
-            return npz["x"], npz["y"]
+        try:
+            return _read_cache(path, num_samples)
+        except ValueError as e:
+            warnings.warn(
+                f"load_mnist1d: the cache file {str(path)!r} is unusable and is regenerated: {e}",
+                RuntimeWarning, stacklevel=3,
+            )
     x, y = _generate(num_samples, seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, x=x, y=y)
     os.replace(tmp, path)
     return x, y
+
+
+def _read_cache(path: Path, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cached ``(x, y)``, or a ValueError saying why the file does not hold them."""
+    fix = "It is regenerated from the seed."
+    arrays = read_npz(path, ("x", "y"), what="MNIST-1D cache", fix=fix)
+    x, y = arrays["x"], arrays["y"]
+    where = f" in {str(path)!r}"
+    if x.shape != (num_samples, SEQ_LEN) or x.dtype != np.float32:
+        raise ValueError(f"x{where} must be float32 {(num_samples, SEQ_LEN)}, got {x.dtype} {x.shape}.")
+    if y.shape != (num_samples,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y{where} must be integer labels of shape {(num_samples,)}, got {y.dtype} {y.shape}.")
+    check_finite("x", x, where)
+    check_labels("y", y, where, 10)
+    return x, y.astype(np.int32)
 
 
 def _freeze(a: np.ndarray) -> np.ndarray:

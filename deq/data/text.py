@@ -98,6 +98,11 @@ def read_source_text(*, max_chars: int, root: str | os.PathLike[str] | None = No
     """
     max_chars = check_int("max_chars", max_chars, minimum=1)
     directory = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(
+            f"root must be a directory of *.py files, got the file {str(directory)!r}. "
+            f"Fix: pass root=<the directory containing it>."
+        )
     files = sorted(p for p in directory.glob("*.py") if p.is_file())
     if not files:
         raise FileNotFoundError(
