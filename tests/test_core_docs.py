@@ -8,7 +8,7 @@ import pytest
 CORE_MODULES = [
     "deq._fixed_point", "deq.solvers._base", "deq.solvers.anderson", "deq.solvers.broyden",
     "deq.solvers.fixed_point_iteration", "deq.solvers.gmres", "deq.solvers.fallback",
-    "deq.backward.ift", "deq.backward.approximate", "deq.regularize", "deq.certify", "deq.interop",
+    "deq.backward.ift", "deq._solution", "deq._errors", "deq.backward.approximate", "deq.regularize", "deq.certify", "deq.interop",
 ]
 
 
