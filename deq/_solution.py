@@ -162,8 +162,8 @@ class BackwardStats:
     `jax.vmap`; used by several solves in one loss, the probe receives their sum.
 
     Attributes (per sample, shape `(B,)`, for a probe of `batch=B`; aggregated over the batch for
-    a probe of `batch=None`: the largest steps and residual, converged only if all did, the
-    largest result code):
+    a probe of `batch=None`: the mean number of steps, the largest residual, the fraction of
+    samples converged and the largest result code):
       num_steps: adjoint solver steps (-1 for `deq.GMRES`, which does not report them).
       residual_norm: the adjoint residual `||J^T u + g - u||` at the returned `u`.
       converged: 1.0 where `residual_norm <= atol + rtol ||g||` (`g = dL/dz*`), else 0.0.
@@ -222,9 +222,9 @@ def probe_cotangent(probe, out):
     ref = probe.num_steps
     if jnp.ndim(ref) == 0:
         fields = {
-            "num_steps": jnp.max(fields["num_steps"]),
+            "num_steps": jnp.mean(fields["num_steps"]),
             "residual_norm": jnp.max(jnp.where(jnp.isnan(fields["residual_norm"]), jnp.inf, fields["residual_norm"])),
-            "converged": jnp.min(fields["converged"]),
+            "converged": jnp.mean(fields["converged"]),
             "result": jnp.max(fields["result"]),
         }
     elif jnp.shape(ref) != jnp.shape(fields["num_steps"]):

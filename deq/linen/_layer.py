@@ -109,7 +109,7 @@ class DEQ(nn.Module):
       backward: backward strategy (default `deq.IFT()`).
       batch_axis: 0 (axis 0 indexes independent samples) or None (one problem).
       eval_solver: forward solver used when `deterministic` is True; None uses `solver`.
-      throw: raise a `RuntimeError` from compiled code when a solve does not converge.
+      throw: raise a `deq.SolveError` when a solve does not converge (see `deq.fixed_point`).
       deterministic: default evaluation-mode flag (a call argument overrides it).
 
     Call Args:
@@ -118,6 +118,8 @@ class DEQ(nn.Module):
       return_solution: return the whole `deq.Solution` instead of `z*`.
       solver: per-call solver override.
       deterministic: evaluation mode for this call (selects `eval_solver`).
+      backward_stats: a `deq.BackwardStats.probe(...)`; differentiate with respect to it to
+        receive the adjoint's statistics (see `deq.BackwardStats`).
 
     Returns:
       `z*`, or a `deq.Solution` with per-sample stats when `return_solution=True`.
@@ -178,6 +180,7 @@ class DEQ(nn.Module):
         return_solution: bool = False,
         solver: Any = None,
         deterministic: Optional[bool] = None,
+        backward_stats: Any = None,
     ):
         default_solver, backward = self._config()
         if deterministic is None:
@@ -200,7 +203,7 @@ class DEQ(nn.Module):
         f = _LinenCellMap(self.cell.clone(parent=None))
         sol: Solution = solve_with_hints(
             f, z0, (variables, x), origin=origin, solver=solver, backward=backward,
-            batch_axis=self.batch_axis, throw=self.throw,
+            batch_axis=self.batch_axis, throw=self.throw, backward_stats=backward_stats,
         )
         return sol if return_solution else sol.value
 

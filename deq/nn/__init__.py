@@ -12,10 +12,13 @@ re-exported here; a submodule that does not exist is skipped, any other import e
 import importlib as _importlib
 
 from ._layer import DEQ as DEQ
+from ._layer import BackwardProbe as BackwardProbe
+from ._layer import backward_stats as backward_stats
+from ._layer import enable_backward_stats as enable_backward_stats
 from ._layer import SolverConstant as SolverConstant
 from ._layer import solution_info as solution_info
 
-__all__ = ["DEQ", "SolverConstant", "solution_info"]
+__all__ = ["DEQ", "SolverConstant", "BackwardProbe", "backward_stats", "enable_backward_stats", "solution_info"]
 
 
 def _optional(name):

@@ -16,12 +16,12 @@ from flax import nnx
 
 from .._api import strict_kwargs
 from .._fixed_point import fixed_point
-from .._solution import Solution
+from .._solution import BackwardStats, Solution
 from ..backward import IFT, AbstractBackward
 from ..solvers import GMRES, AbstractSolver, Anderson
 from ._checks import check_nonempty_batch, check_state_like, describe
 
-__all__ = ["DEQ", "SolverConstant", "solution_info"]
+__all__ = ["DEQ", "SolverConstant", "BackwardProbe", "backward_stats", "enable_backward_stats", "solution_info"]
 
 
 class SolverConstant(nnx.Variable):
@@ -49,6 +49,83 @@ class SolverConstant(nnx.Variable):
       >>> isinstance(u, nnx.Variable), isinstance(u, nnx.Param)
       (True, False)
     """
+
+
+class BackwardProbe(nnx.Variable):
+    """A `deq.nn.DEQ`'s zero probe whose gradient is its last backward solve's statistics.
+
+    Added to every `deq.nn.DEQ` of a model by `deq.nn.enable_backward_stats(model)` (layers
+    have none by default, so a model's state is its parameters only). Holds 4 zeros; differentiating a loss with respect to it (`nnx.grad(loss, argnums=
+    nnx.DiffState(0, nnx.Any(nnx.Param, deq.nn.BackwardProbe)))`) gives, in its place in the
+    gradient state, `[mean adjoint steps, largest adjoint residual, fraction converged, largest
+    result code]` over the batch (summed if the layer is called several times in one loss).
+    `deq.nn.backward_stats(grads)` reads them as `deq.BackwardStats`; `deq.train.fit` records
+    them at every step. The value is never updated by an optimizer (it is not an `nnx.Param`).
+    """
+
+
+def backward_stats(grads) -> dict:
+    """The `deq.BackwardStats` of every `deq.nn.DEQ` in a gradient state, by path.
+
+    Args:
+      grads: the gradient state of a model, taken with respect to (at least) its
+        `deq.nn.BackwardProbe` variables, e.g. `nnx.grad(loss, argnums=nnx.DiffState(0,
+        nnx.Any(nnx.Param, deq.nn.BackwardProbe)))(model)`.
+
+    Returns:
+      `{path: deq.BackwardStats}` with scalar fields (batch aggregates, see `BackwardProbe`); empty
+      if `grads` holds no probe.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq
+      >>> model = deq.nn.DEQ(deq.nn.DenseCell(4, rngs=nnx.Rngs(0)))
+      >>> deq.nn.enable_backward_stats(model)
+      1
+      >>> wrt = nnx.DiffState(0, nnx.Any(nnx.Param, deq.nn.BackwardProbe))
+      >>> grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((3, 4))) ** 2), argnums=wrt)(model)
+      >>> stats = deq.nn.backward_stats(grads)
+      >>> list(stats), float(stats[("backward_probe",)].converged)
+      ([('backward_probe',)], 1.0)
+    """
+    found = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(grads, BackwardProbe)) if _is_state(grads) else []:
+        v = jnp.asarray(leaf.value if hasattr(leaf, "value") else leaf)
+        found[tuple(path)] = BackwardStats(num_steps=v[0], residual_norm=v[1], converged=v[2], result=v[3])
+    return found
+
+
+def enable_backward_stats(model, enable: bool = True) -> int:
+    """Give every `deq.nn.DEQ` in `model` a `BackwardProbe` variable (or remove them).
+
+    With a probe, each layer passes it as `backward_stats` to its solve, so the gradient with
+    respect to `deq.nn.BackwardProbe` variables holds every layer's adjoint statistics (read
+    them with `deq.nn.backward_stats`). `deq.train.fit` enables them for the run.
+
+    Args:
+      model: an `nnx.Module` containing `deq.nn.DEQ` layers (or one itself).
+      enable: add the probes (True) or remove them (False).
+
+    Returns:
+      The number of `deq.nn.DEQ` layers found.
+    """
+    layers = [m for _, m in model.iter_modules() if isinstance(m, DEQ)]
+    for layer in layers:
+        has = isinstance(getattr(layer, "backward_probe", None), BackwardProbe)
+        if enable and not has:
+            layer.backward_probe = BackwardProbe(_probe_value())
+        elif not enable and has:
+            del layer.backward_probe
+    return len(layers)
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, (nnx.State, nnx.Module))
+
+
+def _probe_value():
+    return jnp.zeros((4,), jnp.float32)
 
 
 _ADVICE_BATCHSTAT = (
@@ -424,13 +501,16 @@ class DEQ(nnx.Module):
         with its own stopping test and stats) or None (the whole state is one problem).
       eval_solver: forward solver used when `deterministic` is True (eval mode); None uses
         `solver`.
-      throw: raise a `RuntimeError` from compiled code when a solve does not converge.
+      throw: raise a `deq.SolveError` when a solve does not converge (see `deq.fixed_point`).
 
     Call Args:
       x: the input (any pytree), passed to the cell unchanged at every step.
       z0: initial state (warm start); None builds one as described above.
       return_solution: return the whole `deq.Solution` (`.value`, `.stats`) instead of `z*`.
       solver: per-call solver override.
+      backward_stats: a `deq.BackwardStats.probe(...)` to receive this call's adjoint
+        statistics as its cotangent; None uses the layer's `backward_probe` variable if
+        `deq.nn.enable_backward_stats` gave it one (batch aggregates; `deq.train.fit` does).
 
     Returns:
       `z*` shaped like the state, or a `deq.Solution` when `return_solution=True` (stats per
@@ -526,7 +606,8 @@ class DEQ(nnx.Module):
         return self.solver
 
     @strict_kwargs
-    def __call__(self, x, z0=None, *, return_solution: bool = False, solver: Optional[AbstractSolver] = None):
+    def __call__(self, x, z0=None, *, return_solution: bool = False, solver: Optional[AbstractSolver] = None,
+                 backward_stats=None):
         solver = self.active_solver(solver)
         check_cell_input(self.cell, x, self.batch_axis)
         before_solve = getattr(self.cell, "before_solve", None)
@@ -535,8 +616,24 @@ class DEQ(nnx.Module):
         check_cell(self.cell)
         z0, origin = initial_state("DEQ", self.cell, x, z0, self.batch_axis)
         graphdef, state = nnx.split(self.cell)
+        probe = getattr(self, "backward_probe", None)
+        if backward_stats is None and isinstance(probe, BackwardProbe):
+            v = probe.value
+            backward_stats = BackwardStats(num_steps=v[0], residual_norm=v[1], converged=v[2], result=v[3])
         sol = solve_with_hints(
             _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
             backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
+            backward_stats=backward_stats,
         )
         return sol if return_solution else sol.value
+
+
+def _own_signature(cls) -> None:
+    """Show `cls(...)`'s real arguments in `inspect.signature` and `help` (NNX's metaclass hides them)."""
+    import inspect
+
+    sig = inspect.signature(cls.__init__)
+    cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+_own_signature(DEQ)
