@@ -30,7 +30,9 @@ def _float64():
 FEATURES = 5
 matrices = hnp.arrays(
     np.float64, (FEATURES, FEATURES),
-    elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False),
+    # No subnormal entries: the reference jnp.linalg.norm(V, 2) (LAPACK's SVD) itself returns NaN
+    # on a matrix of subnormals (found by hypothesis: entries of 1.1e-308), so it cannot judge them.
+    elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, allow_subnormal=False),
 )
 
 
