@@ -16,9 +16,25 @@ What is recorded per training step: `loss` (cross-entropy), `accuracy`, `grad_no
 `step_time` (wall seconds, after `block_until_ready`; the first step of a `fit` call includes
 compilation), `aux_loss` when an extra loss is active, and every entry of the model's `info`
 (forward solver steps, final residual, ...; an entry named like one of these fields is recorded
-as `model_<name>`). Backward (adjoint) solver statistics are recorded
+as `model_<name>`), and `skipped` (1.0 when the step's update was not applied because it was
+non-finite, see below). Backward (adjoint) solver statistics are recorded
 only if the model puts them in `info` (e.g. as `backward_steps`): the core's implicit-function
 backward runs inside a custom VJP and returns no statistics, so there is nothing else to record.
+
+Nothing goes on silently with bad data. Before the first step `fit` checks both splits: inputs
+must be finite (the first bad sample is named) and targets integer class indices in
+`[0, num_classes)`, with `num_classes` taken from `dataset.num_classes` when the dataset records
+it and from the width of the model's logits (the first bad target is named with its value).
+Inside the jitted `train_step` the update is applied only if the loss, the gradient and the
+updated parameters and optimizer state are all finite; otherwise everything is left as it was.
+`fit` then stops with `NonFiniteError` naming the step (the model keeps its last finite
+parameters, and no checkpoint of that step is written), or, with
+`TrainConfig(skip_nonfinite=True)`, records the step as skipped and goes on.
+
+Checkpoints that cannot be read (truncated or missing files) are reported with their path: `fit`
+resumes from the newest intact one with a warning (the unreadable newer ones are renamed
+`<step>.corrupt` so the run can write those steps again), and raises `CheckpointError` when none
+can be read. A `checkpoint_dir` that is a file or is not writable fails before the first step.
 """
 
 from __future__ import annotations
@@ -29,8 +45,11 @@ import itertools
 import json
 import math
 import numbers
+import os
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +65,9 @@ from jax.sharding import PartitionSpec as P
 from deq.data import iterate_batches, num_batches
 
 __all__ = [
+    "CheckpointError",
     "History",
+    "NonFiniteError",
     "TrainConfig",
     "batch_stream",
     "cross_entropy",
@@ -68,13 +89,62 @@ _FORMAT_VERSION = 1
 # Record keys set by the trainer; a model info entry with one of these names gets a "model_" prefix.
 _RESERVED = frozenset({
     "kind", "step", "epoch", "loss", "accuracy", "grad_norm", "aux_loss", "lr", "step_time",
-    "eval_time", "loss_sum", "correct_sum", "count",
+    "eval_time", "loss_sum", "correct_sum", "count", "skipped",
 })
 # Config fields that change the trajectory: a resumed run must use the same values.
 _TRAJECTORY_FIELDS = (
     "learning_rate", "weight_decay", "warmup_steps", "total_steps", "epochs", "clip_norm",
     "batch_size", "seed", "jacobian_reg",
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """A training step gave a non-finite loss, gradient or update, so `fit` stopped.
+
+    The step's update was not applied: the model and optimizer hold the state after the last
+    finite step, and no checkpoint of the failing step was written.
+
+    Attributes:
+      step: the failing step (optimizer updates counted from 1, as in the records).
+      what: what was non-finite: `"loss"`, `"gradient"` or `"update"` (the updated parameters
+        or optimizer state).
+      record: the failing step's train record (`loss`, `grad_norm`, ... as computed).
+      history: the `History` of the run up to the step before.
+
+    Example:
+      >>> from deq.train import NonFiniteError
+      >>> issubclass(NonFiniteError, RuntimeError)
+      True
+    """
+
+    def __init__(self, message: str, *, step: int, what: str, record: dict, history: History):
+        super().__init__(message)
+        self.step, self.what, self.record, self.history = step, what, record, history
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a `checkpoint_dir` (or not the one asked for) can be read.
+
+    Raised when files of every checkpoint are truncated, missing or unreadable; not when the
+    checkpoint is intact but was saved from a differently built model (that is a `ValueError`).
+
+    Attributes:
+      paths: the unreadable checkpoint directories, newest first.
+
+    Example:
+      >>> from deq.train import CheckpointError
+      >>> issubclass(CheckpointError, RuntimeError)
+      True
+    """
+
+    def __init__(self, message: str, *, paths: Sequence[str]):
+        super().__init__(message)
+        self.paths = list(paths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +182,11 @@ class TrainConfig:
       max_checkpoints: how many recent checkpoints to keep.
       progress: show a tqdm progress bar (only when stderr is a terminal).
       tensorboard: also write TensorBoard event files to `log_dir` (needs `tensorboardX`).
+      skip_nonfinite: what `fit` does when a step's loss, gradient or update is non-finite
+        (the update is never applied either way). False (default): stop with `NonFiniteError`
+        naming the step. True: skip that update and go on; the step's record has `skipped=1.0`
+        and `History.skipped_steps` counts them. It does not change the steps already taken,
+        so a run stopped by the error may be resumed with it switched on.
 
     Example:
       >>> from deq.train import TrainConfig
@@ -137,6 +212,7 @@ class TrainConfig:
     max_checkpoints: int = 3
     progress: bool = True
     tensorboard: bool = False
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         _check_number("learning_rate", self.learning_rate, minimum=0.0, strict=True)
@@ -165,7 +241,7 @@ class TrainConfig:
             _check_warmup(self.warmup_steps, self.total_steps)
         if self.epochs is not None:
             _check_int("epochs", self.epochs, minimum=1)
-        for name in ("progress", "tensorboard"):
+        for name in ("progress", "tensorboard", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig: {name} must be a bool, got {getattr(self, name)!r}.")
         if self.tensorboard and self.log_dir is None:
@@ -187,6 +263,20 @@ def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False
     if not ok:
         relation = ">" if strict else ">="
         raise ValueError(f"TrainConfig: {name} must be a finite number {relation} {minimum}, got {value!r}.")
+
+
+def _batches_per_epoch(num_train: int, batch_size: int) -> int:
+    """Full batches per epoch; an error when there is not even one."""
+    per_epoch = num_batches(num_train, batch_size)
+    if num_train == 0:
+        raise ValueError("there are no training samples (the training split is empty): pass a dataset "
+                         "with at least batch_size training samples.")
+    if per_epoch < 1:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {num_train} training samples, so an "
+            f"epoch has no full batch. Pass batch_size<={num_train}."
+        )
+    return per_epoch
 
 
 def _check_warmup(warmup_steps: int, total_steps: int) -> None:
@@ -214,12 +304,7 @@ def total_steps_for(config: TrainConfig, num_train: int) -> int:
     """
     if config.total_steps is not None:
         return int(config.total_steps)
-    per_epoch = num_batches(num_train, config.batch_size)
-    if per_epoch < 1:
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the {num_train} training samples, so an "
-            f"epoch has no full batch. Pass batch_size<={num_train}."
-        )
+    per_epoch = _batches_per_epoch(num_train, config.batch_size)
     total = int(config.epochs) * per_epoch
     _check_warmup(config.warmup_steps, total)
     return total
@@ -343,9 +428,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
       [1.0, 0.0]
     """
     if logits.shape[:-1] != labels.shape:
+        hint = (" The targets are shaped like the logits: if they are one-hot, pass class indices, "
+                "y.argmax(axis=-1)." if labels.shape == logits.shape else "")
         raise ValueError(
             f"the model's logits {logits.shape} do not match the targets {labels.shape}: expected "
-            f"logits shaped targets.shape + (num_classes,) = {labels.shape + (logits.shape[-1],)}."
+            f"logits shaped targets.shape + (num_classes,) = {labels.shape + (logits.shape[-1],)}.{hint}"
         )
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -396,9 +483,16 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
       aux_loss_fn: optional static callable `aux_loss_fn(model, x, key) -> scalar`.
       aux_weight: static float multiplying the extra loss; 0 skips it.
 
+    The update is applied only if the loss, the gradient and the updated parameters and
+    optimizer state are all finite. Otherwise the floating-point state of `model` and
+    `optimizer` (parameters, optimizer moments, model statistics) is left as it was and
+    `skipped` is 1.0; integer counters (the optimizer's step, RNG counts) still advance, so the
+    learning-rate schedule stays tied to the step index.
+
     Returns:
-      Dict of scalar arrays: `loss` (cross-entropy), `accuracy`, `grad_norm`, `aux_loss` (when
-      active) and the mean of each entry of the model's `info`.
+      Dict of scalar arrays: `loss` (cross-entropy), `accuracy`, `grad_norm`, `skipped` (1.0
+      when the update was not applied, else 0.0), `aux_loss` (when active) and the mean of each
+      entry of the model's `info`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -413,13 +507,46 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
       >>> opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
       >>> m = train_step(model, opt, jnp.ones((8, 4)), jnp.zeros(8, jnp.int32))
       >>> sorted(m)
-      ['accuracy', 'grad_norm', 'loss']
+      ['accuracy', 'grad_norm', 'loss', 'skipped']
     """
+    before = _pure_state(model), _pure_state(optimizer)
     grad_fn = nnx.value_and_grad(_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(model, x, y, key, aux_loss_fn, aux_weight)
+    (total, metrics), grads = grad_fn(model, x, y, key, aux_loss_fn, aux_weight)
+    grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    after = _pure_state(model), _pure_state(optimizer)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _changes_finite(before, after)
+    for obj, old, new in zip((model, optimizer), before, after):
+        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o) if _is_float(n) else n, new, old)
+        _set_pure_state(obj, kept)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return metrics
+
+
+def _is_float(a: Any) -> bool:
+    return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)
+
+
+def _changes_finite(before: Any, after: Any) -> jax.Array:
+    """One boolean: every floating-point value that changed from `before` to `after` is finite.
+
+    Values left as they were may be infinite on purpose (a `-inf` mask buffer, an optimizer's
+    "best loss so far" starting at `inf`); a NaN never equals itself, so it always counts.
+    """
+    flags = [jnp.all(jnp.isfinite(n) | (n == o))
+             for n, o in zip(jax.tree.leaves(after), jax.tree.leaves(before)) if _is_float(n)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def _pure_state(obj: Any) -> dict:
+    return nnx.to_pure_dict(nnx.state(obj))
+
+
+def _set_pure_state(obj: Any, values: dict) -> None:
+    state = nnx.state(obj)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(obj, state)
 
 
 @nnx.jit
@@ -618,12 +745,7 @@ def batch_stream(
       >>> tail == full[3:]
       True
     """
-    per_epoch = num_batches(len(x), batch_size)
-    if per_epoch < 1:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {len(x)} training samples, so an epoch "
-            f"has no full batch. Pass batch_size<={len(x)}."
-        )
+    per_epoch = _batches_per_epoch(len(x), batch_size)
     step = int(start_step)
     epoch, position = divmod(step, per_epoch)
     while total_steps is None or step < total_steps:
@@ -706,8 +828,8 @@ class History:
     """What `fit` returns: one dict per training step and per evaluation.
 
     Attributes:
-      train: records `{"kind": "train", "step", "epoch", "loss", "accuracy", "grad_norm", "lr",
-        "step_time", **info}`; `step` counts optimizer updates from 1.
+      train: records `{"kind": "train", "step", "epoch", "loss", "accuracy", "grad_norm",
+        "skipped", "lr", "step_time", **info}`; `step` counts optimizer updates from 1.
       eval: records `{"kind": "eval", "step", "epoch", "loss", "accuracy", "eval_time", **info}`
         on the test split.
       start_step: the step this `fit` call started from (> 0 when it resumed a checkpoint).
@@ -736,6 +858,11 @@ class History:
     def test_loss(self) -> float | None:
         """Cross-entropy of the last evaluation (the end of the run), or None."""
         return self.eval[-1]["loss"] if self.eval else None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Training steps whose update was skipped as non-finite (`TrainConfig.skip_nonfinite`)."""
+        return sum(1 for r in self.train if r.get("skipped"))
 
     @property
     def steps_per_second(self) -> float | None:
@@ -839,22 +966,44 @@ def _target(state: nnx.State) -> dict:
 
 
 def _load_into(obj: Any, saved: dict) -> None:
-    state = nnx.state(obj)
-    template = nnx.to_pure_dict(state)
     restored = jax.tree.map(
         lambda t, s: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else s,
-        template, saved,
+        _pure_state(obj), saved,
     )
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(obj, state)
+    _set_pure_state(obj, restored)
 
 
-def _open_manager(config: TrainConfig):
+def _checkpoint_path(checkpoint_dir: str | Path) -> Path:
+    """`checkpoint_dir` as an absolute path, created if missing and checked to be writable."""
+    path = Path(checkpoint_dir).absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is" if p == path else f"lies under {str(p)!r}, which is"
+                raise ValueError(
+                    f"TrainConfig.checkpoint_dir={str(checkpoint_dir)!r} {where} an existing file, "
+                    "not a directory. Pass a directory path (it is created if missing), or move the "
+                    "file away."
+                )
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".deq-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(
+            f"TrainConfig.checkpoint_dir={str(checkpoint_dir)!r} is not a writable directory "
+            f"({e.strerror or e}). Pass a directory you can write to, or fix its permissions."
+        ) from e
+    return path
+
+
+def _open_manager(path: Path, config: TrainConfig):
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
-        Path(config.checkpoint_dir).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True),
+        path, options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True),
     )
 
 
@@ -881,7 +1030,13 @@ def restore_checkpoint(
       checkpoint_dir: the run's `TrainConfig.checkpoint_dir`.
       model: a model with the same structure as the saved one (e.g. freshly built).
       optimizer: optionally, an `nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)`.
-      step: the step to load; None = the latest.
+      step: the step to load; None = the newest one that can be read (a warning names each
+        newer checkpoint that cannot: truncated, missing or garbled files).
+
+    Raises:
+      CheckpointError: no checkpoint can be read (or not the `step` asked for); the message
+        names the unreadable paths.
+      ValueError: the checkpoint is intact but was saved from a differently built model.
 
     Returns:
       The checkpoint's metadata: `step`, `epoch`, `batch_in_epoch`, `config` and `history`
@@ -911,28 +1066,174 @@ def restore_checkpoint(
     path = Path(checkpoint_dir).absolute()
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
     try:
-        step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint found in {str(path)!r}.")
-        return _restore(manager, step, model, optimizer)
+            meta = _restore_newest(manager, model, optimizer)
+            if meta is None:
+                raise FileNotFoundError(f"no checkpoint found in {str(path)!r}.")
+            return meta
+        if step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint of step {step} in {str(path)!r}; it has steps {sorted(manager.all_steps())}."
+            )
+        try:
+            restored = _read(manager, step, model, optimizer)
+        except _Unreadable as e:
+            raise CheckpointError(f"the checkpoint of step {step} cannot be read: {e}.",
+                                  paths=[str(e.step_dir)]) from e
+        return _load(restored, model, optimizer)
     finally:
         manager.close()
 
 
-def _restore(manager, step: int, model, optimizer) -> dict[str, Any]:
+class _Unreadable(Exception):
+    """A checkpoint whose files cannot be read (truncated, missing, garbled): not a user error."""
+
+    def __init__(self, step: int, step_dir: Path, path: Path, reason: str):
+        super().__init__(f"{str(path)!r} ({reason})")
+        self.step, self.step_dir, self.path, self.reason = step, step_dir, path, reason
+
+
+def _restore_newest(manager, model, optimizer, *, check: Callable[[dict], None] | None = None,
+                    set_aside: bool = False) -> dict[str, Any] | None:
+    """Load the newest readable checkpoint into `model` (and `optimizer`); None when there is none.
+
+    Unreadable newer checkpoints are skipped with a warning (and, with `set_aside`, renamed
+    `<step>.corrupt` so that those steps can be saved again); `CheckpointError` when every one is
+    unreadable. `check(meta)` runs before anything is loaded, so a refused checkpoint leaves the
+    model untouched.
+    """
+    unreadable: list[_Unreadable] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = _read(manager, step, model, optimizer, check=check)
+        except _Unreadable as e:
+            unreadable.append(e)
+            continue
+        meta = _load(restored, model, optimizer)
+        if unreadable:
+            moved = [_set_aside(e.step_dir) for e in unreadable] if set_aside else []
+            if moved:
+                manager.reload()
+            warnings.warn(
+                f"{'resumed from' if set_aside else 'loaded'} the checkpoint of step {step} in "
+                f"{str(manager.directory)!r}, the newest that can be read; newer checkpoints cannot: "
+                + "; ".join(f"step {e.step}: {e}" for e in unreadable)
+                + (f". They were renamed {', '.join(repr(str(m)) for m in moved)}: delete them "
+                   "once you no longer need them." if moved else "."),
+                stacklevel=3,
+            )
+        return meta
+    if unreadable:
+        raise CheckpointError(
+            f"no checkpoint in {str(manager.directory)!r} can be read: "
+            + "; ".join(f"step {e.step}: {e}" for e in unreadable)
+            + ". Restore them from a copy, or start over with fit(..., resume=False) (which deletes "
+            "them) or a new checkpoint_dir.",
+            paths=[str(e.step_dir) for e in unreadable],
+        )
+    return None
+
+
+def _set_aside(step_dir: Path) -> Path:
+    target, n = step_dir.with_name(f"{step_dir.name}.corrupt"), 1
+    while target.exists():
+        target, n = step_dir.with_name(f"{step_dir.name}.corrupt-{n}"), n + 1
+    step_dir.rename(target)
+    return target
+
+
+def _read(manager, step: int, model, optimizer, *,
+          check: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Read checkpoint `step` (nothing is loaded yet): its metadata first, passed to `check`, then
+    the arrays. `_Unreadable` if its files are damaged or its parameters non-finite; `ValueError`
+    if it was saved from a differently built model."""
     import orbax.checkpoint as ocp
 
-    items = {"model": ocp.args.StandardRestore(_target(nnx.state(model))), "meta": ocp.args.JsonRestore()}
+    step_dir = Path(manager.directory) / str(step)
+    targets = {"model": _target(nnx.state(model))}
     if optimizer is not None:
-        items["optimizer"] = ocp.args.StandardRestore(_target(nnx.state(optimizer)))
+        targets["optimizer"] = _target(nnx.state(optimizer))
+    try:  # orbax and tensorstore raise many types for damaged files: diagnosed by _diagnose
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as e:  # noqa: BLE001
+        _diagnose(step, step_dir, {}, e)
+    if check is not None:  # e.g. the run's settings, before a restore that may fail on them
+        check(meta)
+    items = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"could not restore the checkpoint at step {step} of {str(manager.directory)!r} into "
-            f"this model/optimizer: their structure differs from the saved one ({e}). Build the "
-            "model and config exactly as in the run that saved it, or use a new checkpoint_dir."
-        ) from e
+        restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
+    except Exception as e:  # noqa: BLE001
+        _diagnose(step, step_dir, targets, e)
+    bad = _first_nonfinite(restored["model"], only=_param_paths(model))
+    if bad is not None:
+        raise _Unreadable(step, step_dir, step_dir / "model", f"parameter {bad!r} holds non-finite values")
+    return {**restored, "meta": meta}
+
+
+def _diagnose(step: int, step_dir: Path, targets: dict, error: Exception):
+    """Raise the right error for a failed restore: unreadable files, or a different structure."""
+    import orbax.checkpoint as ocp
+
+    meta_file = step_dir / "meta" / "metadata"
+    try:
+        json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise _Unreadable(step, step_dir, meta_file, _first_line(e)) from error
+    for name, target in targets.items():
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                saved = checkpointer.metadata(step_dir / name).item_metadata
+        except Exception as e:  # noqa: BLE001
+            raise _Unreadable(step, step_dir, step_dir / name, _first_line(e)) from error
+        if saved is None:  # orbax could not read the item's metadata: the files are damaged
+            raise _Unreadable(step, step_dir, step_dir / name, _first_line(error)) from error
+        diffs = _structure_diffs(getattr(saved, "tree", saved), target)
+        if diffs:
+            raise ValueError(
+                f"could not restore the checkpoint at step {step} of {str(step_dir.parent)!r} into this "
+                f"{name}: its structure differs from the saved one ({'; '.join(diffs)}). Build the "
+                "model and config exactly as in the run that saved it, or use a new checkpoint_dir."
+            ) from error
+    raise _Unreadable(step, step_dir, step_dir, _first_line(error)) from error
+
+
+def _structure_diffs(saved: Any, target: Any, limit: int = 3) -> list[str]:
+    def table(tree):
+        return {_path_str(p): (tuple(leaf.shape), str(leaf.dtype))
+                for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    old, new = table(saved), table(target)
+    diffs = [f"{k!r} is not in this one" for k in old if k not in new]
+    diffs += [f"{k!r} is not in the checkpoint" for k in new if k not in old]
+    diffs += [f"{k!r} saved {old[k][1]}{list(old[k][0])} vs now {new[k][1]}{list(new[k][0])}"
+              for k in new if k in old and old[k] != new[k]]
+    return diffs[:limit] + ([f"{len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_nonfinite(tree: Any, only: frozenset[str] | None = None) -> str | None:
+    """Path of the first floating-point leaf of `tree` (among the paths `only`, if given)
+    holding a NaN or inf, or None."""
+    leaves = [(p, a) for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if _is_float(a) and (only is None or _path_str(p) in only)]
+    flags = jax.device_get([jnp.all(jnp.isfinite(a)) for _, a in leaves])
+    return next((_path_str(p) for (p, _), ok in zip(leaves, flags) if not ok), None)
+
+
+def _param_paths(model) -> frozenset[str]:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return frozenset(_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def _load(restored: dict, model, optimizer) -> dict[str, Any]:
     _load_into(model, restored["model"])
     if optimizer is not None:
         _load_into(optimizer, restored["optimizer"])
@@ -974,6 +1275,148 @@ def _meta(step: int, epoch: int, per_epoch: int, config: TrainConfig, num_train:
 # --------------------------------------------------------------------------------------------
 
 Callback = Callable[[dict[str, Any]], "bool | None"]
+
+
+def _train_record(step: int, epoch: int, metrics: Mapping[str, Any], lr: float, step_time: float) -> dict:
+    """The record of one training step: every per-step statistic is added here."""
+    return {"kind": "train", "step": step, "epoch": epoch,
+            **{k: float(v) for k, v in jax.device_get(metrics).items()},
+            "lr": float(lr), "step_time": step_time}
+
+
+def _nonfinite_error(record: Mapping[str, Any], config: TrainConfig, history: History) -> NonFiniteError:
+    step, loss, grad_norm = record["step"], record["loss"], record["grad_norm"]
+    losses = f"loss={loss}" + (f", aux_loss={record['aux_loss']}" if "aux_loss" in record else "")
+    if not (math.isfinite(loss) and math.isfinite(record.get("aux_loss", 0.0))):
+        what, detail = "loss", f"the loss is not finite ({losses})"
+    elif not math.isfinite(grad_norm):
+        what, detail = "gradient", f"the gradient is not finite (global norm {grad_norm}; {losses})"
+    else:
+        what = "update"
+        detail = (f"the updated parameters or optimizer state are not finite ({losses}, gradient "
+                  f"norm {grad_norm})")
+    message = (
+        f"fit: training step {step} (epoch {record['epoch']}) is non-finite: {detail}. The update was "
+        "not applied, so the model keeps its parameters "
+        + (f"after step {step - 1}" if step > 1 else "from before training")
+        + (" and no checkpoint of this step was written" if config.checkpoint_dir is not None else "")
+        + ". Look for inputs that overflow inside the model, lower learning_rate (now "
+        f"{config.learning_rate}) or clip gradients (clip_norm={config.clip_norm}), or pass "
+        "TrainConfig(skip_nonfinite=True) to skip such steps."
+    )
+    partial = History(train=list(history.train), eval=list(history.eval), start_step=history.start_step)
+    return NonFiniteError(message, step=step, what=what, record=dict(record), history=partial)
+
+
+# --------------------------------------------------------------------------------------------
+# Data checks (before the first step)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_dataset(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """The four arrays, checked: non-empty, finite inputs, integer targets in range."""
+    arrays = []
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        if not hasattr(dataset, name):
+            raise TypeError(
+                "fit: dataset must have x_train, y_train, x_test and y_test arrays (e.g. a "
+                f"deq.data.Dataset), got a {type(dataset).__name__} without {name!r}."
+            )
+        arrays.append(np.asarray(getattr(dataset, name)))
+    num_classes = getattr(dataset, "num_classes", None)
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1
+    ):
+        raise ValueError(f"fit: dataset.num_classes must be an integer >= 1 (or None), got {num_classes!r}.")
+    source = f"dataset.num_classes = {num_classes}"
+    for split, (x, y) in (("train", arrays[:2]), ("test", arrays[2:])):
+        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+            raise ValueError(
+                f"fit: dataset.x_{split} and y_{split} must have one entry per sample along axis 0, "
+                f"got shapes {x.shape} and {y.shape}."
+            )
+        if len(x) == 0:
+            raise ValueError(
+                f"fit: the {split} split is empty (dataset.x_{split} has shape {x.shape}); fit trains on "
+                "x_train and evaluates on x_test, so both need samples."
+            )
+        _check_inputs(f"x_{split}", x)
+        _check_targets(f"y_{split}", y, num_classes, source)
+    return (*arrays, None if num_classes is None else int(num_classes))
+
+
+def _check_inputs(name: str, x: np.ndarray) -> None:
+    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
+        raise TypeError(f"fit: dataset.{name} must be a numeric array, got dtype {x.dtype}.")
+    if not np.issubdtype(x.dtype, np.inexact):
+        return
+    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        value = x[i][~np.isfinite(x[i])].flat[0]
+        raise ValueError(
+            f"fit: dataset.{name}[{i}] holds a non-finite value ({value}) ({int((~finite).sum())} of the "
+            f"{len(x)} samples hold one). One such sample makes the loss and every parameter non-finite: "
+            "drop or repair these samples (e.g. with np.isfinite(x).all(axis=1) as a mask) before fit."
+        )
+
+
+def _one_hot_hint(y: Any, width: int | None) -> str:
+    y = np.asarray(y)
+    one_hot = y.ndim >= 2 and (width is None or y.shape[-1] == width)
+    if one_hot and np.isin(y, (0, 1)).all() and (y.sum(-1) == 1).all():
+        return (f" The targets {y.shape} look one-hot: pass class indices instead, "
+                "y.argmax(axis=-1).astype(np.int32).")
+    return ""
+
+
+def _check_targets(name: str, y: np.ndarray, limit: int | None, source: str) -> None:
+    """Integer targets in `[0, limit)` (only `>= 0` when `limit` is None)."""
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(
+            f"fit: dataset.{name} must hold integer class indices, got dtype {y.dtype} (e.g. "
+            f"{name}[0] = {y.reshape(len(y), -1)[0, 0]!r})." + _one_hot_hint(y, limit)
+            + " If they are class indices stored as another type, pass y.astype(np.int32)."
+        )
+    bad = y < 0 if limit is None else (y < 0) | (y >= limit)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = ", ".join(map(str, index))
+        allowed = "be >= 0" if limit is None else f"lie in [0, {limit}) ({source})"
+        raise ValueError(
+            f"fit: dataset.{name}[{where}] = {y[index]} is not a class index: targets must {allowed}; "
+            f"{int(bad.sum())} of the {y.size} targets in {name} are out of range. Fix or drop those "
+            "samples (there is no ignore index: a -1 'unlabelled' marker is not skipped)"
+            + (", or give the model more outputs." if limit is not None else ".")
+        )
+
+
+def _check_model(model, x_train, y_train, x_test, y_test, batch_size: int, num_classes: int | None) -> None:
+    """Trace the model on one batch's shapes (nothing is compiled or run): the output contract,
+    the targets' shape and the logits width against every target; finite parameters."""
+    probes = [(x_train, y_train)]
+    if x_test.shape[1:] != x_train.shape[1:] or y_test.shape[1:] != y_train.shape[1:]:
+        probes.append((x_test, y_test))
+    for x, y in probes:
+        spec = (jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype),
+                jax.ShapeDtypeStruct((batch_size, *y.shape[1:]), y.dtype))
+
+        def logits_of(m, xb, yb):
+            logits, _ = _call_model(m, xb)
+            cross_entropy(logits, yb)  # checks the targets' shape at trace time
+            return logits
+
+        width = nnx.eval_shape(logits_of, model, *spec).shape[-1]
+    if num_classes is None or width < num_classes:
+        source = f"the model outputs {width} logits per target"
+        _check_targets("y_train", y_train, width, source)
+        _check_targets("y_test", y_test, width, source)
+    bad = _first_nonfinite(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if bad is not None:
+        raise ValueError(
+            f"fit: the model's parameter {bad!r} holds non-finite values before training: every step "
+            "would be non-finite. Build (or restore) the model afresh."
+        )
 
 
 def fit(
@@ -1042,15 +1485,17 @@ def fit(
         )
     aux_weight = float(config.jacobian_reg)
     aux = aux_loss_fn if aux_weight > 0 else None
-    x_train, y_train = np.asarray(dataset.x_train), np.asarray(dataset.y_train)
-    x_test, y_test = np.asarray(dataset.x_test), np.asarray(dataset.y_test)
+    x_train, y_train, x_test, y_test, num_classes = _check_dataset(dataset)
     num_train = len(x_train)
+    per_epoch = _batches_per_epoch(num_train, config.batch_size)
     total = total_steps_for(config, num_train)
-    per_epoch = num_batches(num_train, config.batch_size)
     eval_batch_size = config.eval_batch_size or config.batch_size
     mesh = make_mesh() if mesh is None else mesh
     _check_divisible("batch_size", config.batch_size, mesh)
     _check_divisible("eval_batch_size", eval_batch_size, mesh)
+    checkpoint_path = None if config.checkpoint_dir is None else _checkpoint_path(config.checkpoint_dir)
+    model.train()
+    _check_model(model, x_train, y_train, x_test, y_test, config.batch_size, num_classes)
 
     started = time.perf_counter()
     lrs = _lr_table(config.learning_rate, config.warmup_steps, total)
@@ -1060,12 +1505,14 @@ def fit(
     base_key = jax.random.key(config.seed)
 
     history, start = History(), 0
-    manager = _open_manager(config) if config.checkpoint_dir is not None else None
+    manager = None if checkpoint_path is None else _open_manager(checkpoint_path, config)
     logger = bar = None
     try:
-        if manager is not None and resume and manager.latest_step() is not None:
-            meta = _restore(manager, manager.latest_step(), model, optimizer)
-            _check_resume(meta, config, num_train)
+        meta = None
+        if manager is not None and resume:
+            meta = _restore_newest(manager, model, optimizer, set_aside=True,
+                                   check=lambda m: _check_resume(m, config, num_train))
+        if meta is not None:
             history, start = History.from_dict(meta["history"]), int(meta["step"])
         elif manager is not None:
             for old_step in manager.all_steps():  # orbax would silently keep a stale step
@@ -1104,9 +1551,10 @@ def fit(
             )
             step_time = time.perf_counter() - t0
             step = index + 1
-            record = {"kind": "train", "step": step, "epoch": epoch,
-                      **{k: float(v) for k, v in jax.device_get(metrics).items()},
-                      "lr": float(lrs[index]), "step_time": step_time}
+            record = _train_record(step, epoch, metrics, lrs[index], step_time)
+            if record["skipped"] and not config.skip_nonfinite:
+                logger.log(record)
+                raise _nonfinite_error(record, config, history)
             stop = emit(record)
             if stop or step == total or (config.eval_every and step % config.eval_every == 0):
                 stop = run_eval(step, epoch) or stop

@@ -228,7 +228,8 @@ def test_train_step_decreases_loss(ds):
     losses = [float(train_step(model, opt, x, y)["loss"]) for _ in range(8)]
     m = train_step(model, opt, x, y)
     assert losses[-1] < losses[0]
-    assert set(m) == {"loss", "accuracy", "grad_norm", "depth"} and float(m["depth"]) == 2.0
+    assert set(m) == {"loss", "accuracy", "grad_norm", "skipped", "depth"} and float(m["depth"]) == 2.0
+    assert float(m["skipped"]) == 0.0
     assert int(opt.step[...]) == 9
 
 
