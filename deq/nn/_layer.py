@@ -91,7 +91,7 @@ def backward_stats(grads) -> dict:
     """
     found = {}
     for path, leaf in nnx.to_flat_state(nnx.state(grads, BackwardProbe)) if _is_state(grads) else []:
-        v = jnp.asarray(leaf.value if hasattr(leaf, "value") else leaf)
+        v = jnp.asarray(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
         found[tuple(path)] = BackwardStats(num_steps=v[0], residual_norm=v[1], converged=v[2], result=v[3])
     return found
 
@@ -618,7 +618,7 @@ class DEQ(nnx.Module):
         graphdef, state = nnx.split(self.cell)
         probe = getattr(self, "backward_probe", None)
         if backward_stats is None and isinstance(probe, BackwardProbe):
-            v = probe.value
+            v = probe.get_value()
             backward_stats = BackwardStats(num_steps=v[0], residual_norm=v[1], converged=v[2], result=v[3])
         sol = solve_with_hints(
             _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
