@@ -4,10 +4,12 @@ Every benchmark module uses these helpers so that all results are produced the
 same way:
 
 * command line: :func:`make_parser` (``--profile smoke|quick|full``, ``--out``,
-  ``--seed``, ``--no-plot``) and :func:`pick` to choose sizes per profile;
+  ``--seed``, ``--no-plot``; ``usage: python -m benchmarks.<name>``), :func:`default_out`
+  (where a run writes unless told otherwise) and :func:`pick` to choose sizes per profile;
 * provenance: :func:`environment` (machine, library versions, git commit);
 * output: :func:`save_json`, :func:`save_figure`, :func:`print_table`,
-  :func:`fmt`, :func:`progress`;
+  :func:`fmt`; progress lines on stderr: :func:`progress`, :func:`say`; the smoke
+  profile's notice: :func:`smoke_notice`;
 * timing: :func:`time_fn` (compile time apart, median of repeats after
   warm-up) and :func:`compile_time` (AOT lower + compile);
 * memory: :func:`xla_memory` (compiled executable's buffer sizes),
@@ -19,7 +21,13 @@ Rules the helpers encode: benchmarks measure, tests assert; timings are medians
 after warm-up with compile time reported separately; results measured on a GPU
 are written to ``<name>-gpu.json`` / ``<name>-gpu.png``.
 
-Nothing in this module prints except :func:`print_table`.
+Nothing in this module prints except :func:`print_table`, :func:`smoke_notice` (stdout) and
+the progress lines of :func:`say` and :func:`progress` (stderr; silent when the environment
+sets ``DEQ_NO_PROGRESS=1``, as CI does).
+
+Importing this module does not import JAX (each helper that needs it imports it), so a
+benchmark that builds its parser from :func:`make_parser` and parses its arguments before its
+own heavy imports answers ``--help`` at once.
 """
 
 from __future__ import annotations
@@ -38,19 +46,26 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-import jax
-
 #: Root of the repository (the parent of the ``benchmarks`` package).
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 
-#: Default output directory for JSON results and figures.
-DEFAULT_OUT: Path = REPO_ROOT / "benchmarks" / "results"
+#: The committed results (``--out benchmarks/results`` writes there; nothing does by default).
+COMMITTED_RESULTS: Path = REPO_ROOT / "benchmarks" / "results"
+
+#: Where every benchmark writes unless ``--out`` says otherwise: ``<DEFAULT_OUT_ROOT>/<name>/``
+#: relative to the current directory (ignored by git), so that a run never overwrites the
+#: committed results. See :func:`default_out`.
+DEFAULT_OUT_ROOT: Path = Path("deq-results")
+
+#: Time origin of the progress lines (:func:`say`): when this module was first imported.
+_T0 = time.perf_counter()
 
 #: Allowed values of ``--profile``, from cheapest to most expensive.
 PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
@@ -77,24 +92,45 @@ _VERSIONED = {
 # --------------------------------------------------------------------------
 
 
-def make_parser(description: str, *, default_profile: str = "quick") -> argparse.ArgumentParser:
+def default_out(name: str) -> Path:
+    """The output directory of benchmark ``name`` when ``--out`` is not given.
+
+    The one place that decides it for every benchmark: ``./deq-results/<name>/``, relative to the
+    current directory and ignored by git (``.gitignore`` lists ``deq-results/``), so the
+    README's commands leave a clone's committed ``benchmarks/results/`` untouched. Writing the
+    committed results takes an explicit ``--out benchmarks/results``.
+
+    Args:
+      name: The benchmark's name, e.g. ``"deq_vs_explicit"``.
+
+    Returns:
+      ``Path("deq-results") / name``.
+    """
+    return DEFAULT_OUT_ROOT / name
+
+
+def make_parser(description: str, *, name: str | None = None,
+                default_profile: str = "quick") -> argparse.ArgumentParser:
     """Build the standard argument parser shared by all benchmarks.
 
     Args:
       description: Text shown by ``--help``.
+      name: The benchmark's module name in :mod:`benchmarks` (e.g. ``"memory"``): ``--help``
+        then shows ``usage: python -m benchmarks.<name>`` and ``--out`` defaults to
+        :func:`default_out` of it. None: argparse's own ``prog`` and ``./deq-results/``.
       default_profile: Profile used when ``--profile`` is not given.
 
     Returns:
       An :class:`argparse.ArgumentParser` with ``--profile {smoke,quick,full}``,
-      ``--out DIR`` (a :class:`~pathlib.Path`; default
-      ``<repo>/benchmarks/results``, a relative path given on the command line
-      is taken relative to the current directory), ``--seed INT`` (default 0)
+      ``--out DIR`` (a :class:`~pathlib.Path`; default :func:`default_out`, relative paths
+      are taken relative to the current directory), ``--seed INT`` (default 0)
       and ``--no-plot`` (stored as ``args.no_plot``). Benchmarks may add their
       own arguments before calling ``parse_args``.
     """
     if default_profile not in PROFILES:
         raise ValueError(f"default_profile must be one of {PROFILES}, got {default_profile!r}")
     parser = argparse.ArgumentParser(
+        prog=None if name is None else f"python -m benchmarks.{name}",
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -107,9 +143,10 @@ def make_parser(description: str, *, default_profile: str = "quick") -> argparse
     parser.add_argument(
         "--out",
         type=Path,
-        default=DEFAULT_OUT,
+        default=DEFAULT_OUT_ROOT if name is None else default_out(name),
         metavar="DIR",
-        help="directory for the JSON results and PNG figures",
+        help="directory for the JSON results and PNG figures; the default is ignored by git, "
+             "--out benchmarks/results rewrites the committed results",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no-plot", action="store_true", help="do not write PNG figures")
@@ -147,6 +184,8 @@ def seed_everything(seed: int) -> tuple[jax.Array, np.random.Generator]:
       ``(key, rng)``: a ``jax.random.PRNGKey(seed)`` and a
       ``numpy.random.default_rng(seed)`` generator.
     """
+    import jax
+
     random.seed(seed)
     return jax.random.PRNGKey(seed), np.random.default_rng(seed)
 
@@ -230,6 +269,8 @@ def is_gpu() -> bool:
     Returns:
       True for the ``gpu``/``cuda``/``rocm`` backends.
     """
+    import jax
+
     return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
@@ -247,6 +288,8 @@ def environment() -> dict[str, Any]:
       variables), ``versions`` (name -> version or None), ``git``
       (see :func:`git_info`) and ``timestamp_utc`` (ISO 8601).
     """
+    import jax
+
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -329,7 +372,8 @@ def to_jsonable(obj: Any) -> Any:
         return value
     if isinstance(obj, (complex, np.complexfloating)):
         return {"real": to_jsonable(obj.real), "imag": to_jsonable(obj.imag)}
-    if isinstance(obj, jax.Array):
+    jax = sys.modules.get("jax")  # a JAX array exists only if JAX was imported
+    if jax is not None and isinstance(obj, jax.Array):
         if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
             obj = jax.random.key_data(obj)
         obj = np.asarray(obj)
@@ -428,7 +472,8 @@ def fmt(x: Any, digits: int = 3) -> str:
         return "-"
     if isinstance(x, (bool, np.bool_)):
         return str(bool(x))
-    if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0:
+    jax = sys.modules.get("jax")  # a JAX array exists only if JAX was imported
+    if isinstance(x, np.ndarray if jax is None else (jax.Array, np.ndarray)) and np.ndim(x) == 0:
         x = np.asarray(x).item()
     if isinstance(x, (int, np.integer)):
         return f"{int(x):,}"
@@ -451,21 +496,33 @@ def _is_numeric(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+#: Widest line :func:`print_table` prints; wider tables are split into column blocks.
+MAX_WIDTH = 120
+
+
 def print_table(
     rows: Sequence[dict[str, Any]],
     columns: Sequence[str | tuple[str, str]],
     title: str | None = None,
+    *,
+    keep: int = 1,
+    max_width: int = MAX_WIDTH,
 ) -> str:
-    """Print rows as an aligned plain-text table.
+    """Print rows as an aligned plain-text table, no line wider than ``max_width``.
 
     Numbers are formatted with :func:`fmt` and right-aligned; other values are
-    left-aligned. Missing keys show as ``-``.
+    left-aligned. Missing keys show as ``-``. A table wider than ``max_width`` is printed as
+    several blocks of columns, one under the other, each repeating the first ``keep`` columns
+    (the ones that name a row); a long title is wrapped.
 
     Args:
       rows: One dict per row.
       columns: Keys to show, in order; an entry may be ``(key, header)`` to
         give the column a different header (e.g. with units).
       title: Optional line printed above the table.
+      keep: Leading columns repeated in every block of a split table.
+      max_width: Widest line printed (the repeated columns plus one more column may exceed it
+        only if they alone are wider).
 
     Returns:
       The table text (also printed to stdout).
@@ -475,42 +532,117 @@ def print_table(
     cells = [[fmt(row.get(k)) for k in keys] for row in rows]
     numeric = [any(_is_numeric(row.get(k)) for row in rows) for k in keys]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    keep = max(0, min(keep, len(keys) - 1))
 
-    def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+    def line(values: Sequence[str], idx: Sequence[int]) -> str:
+        parts = [values[i].rjust(widths[i]) if numeric[i] else values[i].ljust(widths[i]) for i in idx]
         return "  ".join(parts).rstrip()
 
-    out = []
-    if title:
-        out.append(title)
-    out.append(line(headers))
-    out.append("  ".join("-" * w for w in widths))
-    out.extend(line(r) for r in cells)
+    def block(idx: Sequence[int]) -> list[str]:
+        return ([line(headers, idx), "  ".join("-" * widths[i] for i in idx)]
+                + [line(r, idx) for r in cells])
+
+    # Greedy blocks: the `keep` columns, then as many further columns as fit.
+    blocks: list[list[int]] = []
+    current = list(range(keep))
+    for i in range(keep, len(keys)):
+        width = sum(widths[j] + 2 for j in current + [i]) - 2
+        if width > max_width and len(current) > keep:
+            blocks.append(current)
+            current = list(range(keep))
+        current.append(i)
+    blocks.append(current)
+
+    out = textwrap.wrap(title, max_width) if title else []
+    for n, idx in enumerate(blocks):
+        if n:
+            out.append("")
+        out.extend(block(idx))
     text = "\n".join(out)
     print(text, flush=True)
     return text
 
 
-def progress(iterable: Iterable, **kw: Any) -> Iterable:
-    """Wrap an iterable in a tqdm progress bar when appropriate.
+def print_wrapped(text: str, *, indent: int = 6) -> str:
+    """Print a line of results (a PASS/MISS verdict, a note) wrapped at :data:`MAX_WIDTH`.
 
-    The bar is disabled when stderr is not a TTY or when the environment
-    variable ``DEQ_NO_PROGRESS=1``; tqdm missing also means no bar.
+    Args:
+      text: The line.
+      indent: Spaces before each continuation line.
+
+    Returns:
+      The printed text.
+    """
+    out = textwrap.fill(text, MAX_WIDTH, subsequent_indent=" " * indent, break_long_words=False,
+                        break_on_hyphens=False)
+    print(out, flush=True)
+    return out
+
+
+def progress_enabled() -> bool:
+    """Whether progress lines are printed: unless the environment sets ``DEQ_NO_PROGRESS=1``."""
+    return os.environ.get("DEQ_NO_PROGRESS") != "1"
+
+
+def say(message: str) -> None:
+    """Print one progress line to stderr, prefixed with the seconds since the run started.
+
+    Silent when ``DEQ_NO_PROGRESS=1`` (CI sets it). Results never go through here: they are
+    printed to stdout and written to the JSON.
+
+    Args:
+      message: The line, e.g. ``"digits: DEQ seed 0 done in 12.1 s"``.
+    """
+    if progress_enabled():
+        print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def progress(iterable: Iterable, *, desc: str = "", total: int | None = None,
+             label: Callable[[Any], str] | None = None) -> Iterable:
+    """Yield the items of ``iterable``, printing a progress line (:func:`say`) after each one.
+
+    Each line reads ``[  elapsed s] <desc> i/n: <label(item)> done in t s``, so a long run shows
+    which model, seed or point it has finished and how long each took. Silent when
+    ``DEQ_NO_PROGRESS=1``.
 
     Args:
       iterable: Anything iterable.
-      **kw: Passed to :class:`tqdm.tqdm` (e.g. ``desc=``, ``total=``).
+      desc: What the loop is, e.g. ``"digits runs"``.
+      total: Number of items, when ``len(iterable)`` does not give it.
+      label: Describes one item for its line (default ``str``).
 
     Returns:
-      The wrapped (or original) iterable.
+      An iterator over the same items.
     """
-    disable = os.environ.get("DEQ_NO_PROGRESS") == "1" or not sys.stderr.isatty()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    kw.setdefault("leave", False)
-    return tqdm(iterable, disable=disable, **kw)
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    label = str if label is None else label
+    of = "" if total is None else f"/{total}"
+    t = time.perf_counter()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        say(f"{desc} {i}{of}: {label(item)} done in {now - t:.1f} s")
+        t = now
+
+
+def smoke_notice(profile: str, name: str, *, end: bool = False) -> None:
+    """Say on stdout, at the start and at the end of a smoke run, that it checks only that the
+    code runs: its figures (and any MISS line) are not results.
+
+    Args:
+      profile: The run's profile; nothing is printed unless it is ``"smoke"``.
+      name: The benchmark's name, for the line.
+      end: Whether this is the line at the end of the run.
+    """
+    if profile != "smoke":
+        return
+    print(f"[smoke] {name}{' finished' if end else ''}: smoke only checks that the code runs;\n"
+          f"[smoke] its numbers and PASS/MISS lines are not results (see --profile quick or full)",
+          flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -551,6 +683,8 @@ def time_fn(
       25th percentile), ``min_s``, ``max_s``, ``mean_s``, ``repeats``,
       ``warmup`` and ``times_s`` (all timed calls, seconds).
     """
+    import jax
+
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
 
@@ -583,6 +717,8 @@ def time_fn(
 
 def _as_jitted(fn: Callable[..., Any]) -> Any:
     """Return ``fn`` if it already has an AOT ``lower`` method, else ``jax.jit(fn)``."""
+    import jax
+
     return fn if hasattr(fn, "lower") else jax.jit(fn)
 
 
@@ -603,6 +739,8 @@ def compile_time(jitted_fn: Callable[..., Any], *args: Any, clear_caches: bool =
       Dict with ``lower_s`` (trace + lower to StableHLO), ``compile_s``
       (XLA compilation) and ``total_s``.
     """
+    import jax
+
     f = _as_jitted(jitted_fn)
     if clear_caches:
         jax.clear_caches()
@@ -683,6 +821,8 @@ def device_memory(device: Any = None) -> dict[str, Any] | None:
       ``device.memory_stats()`` (e.g. ``bytes_in_use``,
       ``peak_bytes_in_use``, ``bytes_limit``) or None when unavailable (CPU).
     """
+    import jax
+
     device = jax.devices()[0] if device is None else device
     try:
         stats = device.memory_stats()
@@ -805,6 +945,8 @@ def peak_rss_in_subprocess(
     Raises:
       RuntimeError: If the subprocess fails; the message holds its stderr tail.
     """
+    import jax
+
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(

@@ -50,6 +50,19 @@ Three measurements:
 
 from __future__ import annotations
 
+from benchmarks import _common as C
+
+NAME = "backward"
+
+
+def parse_args(argv=None):
+    """The command line; it needs no JAX, so ``--help`` answers before the imports below."""
+    return C.make_parser(__doc__.splitlines()[0], name=NAME).parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
 import os
 import resource
 import time
@@ -67,10 +80,6 @@ import deq
 import deq.nn
 from deq.data import iterate_batches, load_digits
 from deq.nn.models import DEQClassifier, default_backward, default_solver
-
-from . import _common as C
-
-NAME = "backward"
 STRATEGIES = ("IFT", "PhantomGrad", "JFB", "Unrolled")
 #: Extra variants (quick/full): IFT without its non-convergence check (no host callback), and
 #: unrolled backprop through plain fixed-point iteration.
@@ -267,7 +276,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     # load during the benchmark affects every strategy alike; each round is a time_fn call
     # (its first, untimed-for-us call and `warmup` more are warm-up; then `per_round` timed).
     times: dict[str, list[float]] = {s: [] for s in names}
-    for _ in C.progress(range(rounds), desc="timing"):
+    for _ in C.progress(range(rounds), desc="timing", label=lambda r: f"round {r + 1} of every strategy"):
         for s in names:
             t = C.time_fn(steps_fn[s], p0, opt0, xb0, yb0, warmup=1, repeats=per_round, clear_caches=False)
             times[s].extend(t["times_s"])
@@ -304,6 +313,7 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
                 jax.block_until_ready(params)
                 jax.effects_barrier()
             train_s = time.perf_counter() - t0
+            C.say(f"training: {s} seed {sd} done in {train_s:.1f} s ({steps} Adam steps)")
             n_warn = sum(issubclass(w.category, deq.NonConvergenceWarning) for w in caught)
             hist = np.array(jax.device_get(hist), dtype=np.float64)
             tail = hist[-min(20, len(hist)):]
@@ -324,11 +334,13 @@ def run(profile: str, seed: int, out, no_plot: bool) -> dict[str, Any]:
     # (a) gradient quality against the float64 exact gradient.
     points = {"init": p0, "trained_ift_params": trained["IFT"][seed]}
     points.update({f"trained:{s}": trained[s][seed] for s in names})
+    C.say("gradient quality: float64 exact gradients ...")
     exact, exact_stats = exact_gradients(arch, points, cos_batches, reference=False)
     reference_check = None
     if do_reference:
         ref, ref_stats = exact_gradients(arch, {"init": p0, "trained_ift_params": trained["IFT"][seed]},
                                          cos_batches, reference=True)
+        C.say("gradient quality: exact gradients checked against float64 backprop")
         reference_check = {
             "what": "exact (float64 IFT, tight Anderson) vs float64 backprop through 300 fixed-point iterations",
             "stats": ref_stats,
@@ -468,9 +480,10 @@ def plot(payload: dict[str, Any], out) -> Any:
 
 
 def main(argv=None) -> None:
-    parser = C.make_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    C.smoke_notice(args.profile, NAME)
     run(args.profile, args.seed, args.out, args.no_plot)
+    C.smoke_notice(args.profile, NAME, end=True)
 
 
 if __name__ == "__main__":

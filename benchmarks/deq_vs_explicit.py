@@ -161,21 +161,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
-import deq
 from benchmarks import _common as C
-from deq.data import load_cifar10, load_digits, load_mnist, load_mnist1d
-from deq.nn import ContractiveDense, solution_info
-from deq.nn.models import (DEQClassifier, ResNetClassifier, UnrolledClassifier, count_params,
-                           param_table)
-from deq.nn.models import _depth_info  # the unrolled twin's info, so both twins report alike
-from deq.regularize import jacobian_penalty
-from deq.train import TrainConfig, cross_entropy, evaluate, fit
+
 
 NAME = "deq_vs_explicit"
 
@@ -251,6 +238,131 @@ SOLVER = dict(rtol=1e-3, atol=1e-5, max_steps=100)
 #: The Anderson solver of the DEQs' IFT backward (adjoint), every dataset and profile: the
 #: library's default ``IFT()`` adjoint.
 ADJOINT = dict(rtol=1e-4, atol=1e-6, max_steps=100)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (before the imports below: `--help` needs no JAX)
+# --------------------------------------------------------------------------------------------
+
+
+DATASETS = tuple(TARGET_ACCURACY)
+
+
+def _names(text: str, known) -> list[str]:
+    """Comma-separated names from ``known``, none repeated, in ``known``'s order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in known for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names from {', '.join(known)} separated by commas, got {text!r}")
+    return [k for k in known if k in names]
+
+
+def _name_list(text: str) -> list[str]:
+    """``--datasets`` value: comma-separated dataset names, each known, none repeated."""
+    return _names(text, DATASETS)
+
+
+def _model_list(text: str) -> list[str]:
+    """``--models`` value: comma-separated model names, each known, none repeated."""
+    return _names(text, tuple(LABELS))
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds`` value: comma-separated non-negative integers, none repeated."""
+    try:
+        seeds = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers separated by "
+                                         f"commas, e.g. 0,1,2, got {text!r}")
+    return seeds
+
+
+def parse_args(argv=None):
+    parser = C.make_parser(__doc__.splitlines()[0], name=NAME)
+    parser.add_argument("--mnist", type=Path, default=None, metavar="PATH",
+                        help="also run on MNIST from this local .npz (see deq.data.load_mnist)")
+    parser.add_argument("--cifar", type=Path, default=None, metavar="PATH",
+                        help="also run on CIFAR-10 from this local .npz (see deq.data.load_cifar10)")
+    parser.add_argument("--datasets", type=_name_list, default=argparse.SUPPRESS, metavar="LIST",
+                        help="comma-separated datasets to run, from " + ",".join(DATASETS) + "; "
+                             "default: the profile's (smoke and quick: digits; full: digits,mnist1d), "
+                             "plus mnist / cifar10 when --mnist / --cifar is given (which they need)")
+    parser.add_argument("--seeds", type=_seed_list, default=argparse.SUPPRESS, metavar="LIST",
+                        help="comma-separated seeds, e.g. 0,1,2; default: the profile's count "
+                             "(smoke 1, quick 2, full 3) of consecutive seeds from --seed")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="evaluate on the test split (default) or on a validation split, for "
+                             "choosing settings without the test split (MNIST-1D: 2,000 fresh "
+                             "generated signals; others: the last 20%% of the training split, left "
+                             f"out of training); validation results go to {NAME}_validation.json")
+    parser.add_argument("--jac-reg", type=float, default=None, metavar="GAMMA",
+                        help="weight of the Jacobian penalty for every dataset; None: "
+                             f"{JAC_REG:g}, chosen on the validation split")
+    parser.add_argument("--learning-rate", type=float, default=None, metavar="LR",
+                        help="peak learning rate of every model on every dataset; None: each "
+                             "dataset's (digits, MNIST-1D 1e-2, chosen on the validation split; "
+                             "MNIST 3e-3; CIFAR-10 1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                        help="decoupled weight decay (AdamW) of every model on every dataset; "
+                             "None: 0 (Adam)")
+    parser.add_argument("--cell-hidden", type=int, default=None, metavar="WIDTH",
+                        help="inner width of every model's cells (the DEQ's, the twins'; the "
+                             "param-matched ResNet is matched to the DEQ's new count; the contractive "
+                             "cell has none); None: the state width `hidden`")
+    parser.add_argument("--lipschitz", type=float, default=None, metavar="L",
+                        help="proven Lipschitz bound of the contractive models' cell, in (0, 1); "
+                             f"None: {CONTRACTIVE['lipschitz']:g}, chosen on the validation split")
+    parser.add_argument("--models", type=_model_list, default=argparse.SUPPRESS, metavar="LIST",
+                        help="comma-separated models to train, from " + ",".join(LABELS) +
+                             "; default: the profile's")
+    parser.add_argument("--merge", action="store_true",
+                        help=f"merge into the existing {NAME}.json in --out: replace only the runs of "
+                             "the datasets and seeds run now, keep the others, and recompute the "
+                             "summary table, targets and figures from the merged runs (refused if the "
+                             "profile, models or a kept dataset's settings differ)")
+    args = parser.parse_args(argv)
+    if "datasets" not in args:
+        args.datasets = C.pick(args.profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
+        args.datasets += [n for n, path in (("mnist", args.mnist), ("cifar10", args.cifar)) if path is not None]
+    for name, flag, path in (("mnist", "--mnist", args.mnist), ("cifar10", "--cifar", args.cifar)):
+        if name in args.datasets and path is None:
+            parser.error(f"--datasets names {name}, which needs {flag} PATH (a local .npz)")
+    if "models" not in args:
+        args.models = list(KINDS[args.profile])
+    if args.jac_reg is not None and not args.jac_reg > 0:
+        parser.error(f"--jac-reg must be > 0, got {args.jac_reg}")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.lipschitz is not None and not 0 < args.lipschitz < 1:
+        parser.error(f"--lipschitz must lie in (0, 1) (a contraction), got {args.lipschitz}")
+    if args.cell_hidden is not None and args.cell_hidden < 1:
+        parser.error(f"--cell-hidden must be a positive integer, got {args.cell_hidden}")
+    if "seeds" not in args:
+        args.seeds = [args.seed + i for i in range(C.pick(args.profile, smoke=1, quick=2, full=3))]
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import deq
+from deq.data import load_cifar10, load_digits, load_mnist, load_mnist1d
+from deq.nn import ContractiveDense, solution_info
+from deq.nn.models import (DEQClassifier, ResNetClassifier, UnrolledClassifier, count_params,
+                           param_table)
+from deq.nn.models import _depth_info  # the unrolled twin's info, so both twins report alike
+from deq.regularize import jacobian_penalty
+from deq.train import TrainConfig, cross_entropy, evaluate, fit
 
 
 # --------------------------------------------------------------------------------------------
@@ -865,112 +977,6 @@ def evaluate_targets(results: dict[str, dict[str, Any]], settings: dict[str, Any
 
 
 # --------------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------------
-
-
-DATASETS = tuple(TARGET_ACCURACY)
-
-
-def _names(text: str, known) -> list[str]:
-    """Comma-separated names from ``known``, none repeated, in ``known``'s order."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or any(n not in known for n in names) or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct names from {', '.join(known)} separated by commas, got {text!r}")
-    return [k for k in known if k in names]
-
-
-def _name_list(text: str) -> list[str]:
-    """``--datasets`` value: comma-separated dataset names, each known, none repeated."""
-    return _names(text, DATASETS)
-
-
-def _model_list(text: str) -> list[str]:
-    """``--models`` value: comma-separated model names, each known, none repeated."""
-    return _names(text, tuple(LABELS))
-
-
-def _seed_list(text: str) -> list[int]:
-    """``--seeds`` value: comma-separated non-negative integers, none repeated."""
-    try:
-        seeds = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers separated by "
-                                         f"commas, e.g. 0,1,2, got {text!r}")
-    return seeds
-
-
-def parse_args(argv=None):
-    parser = C.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--mnist", type=Path, default=None, metavar="PATH",
-                        help="also run on MNIST from this local .npz (see deq.data.load_mnist)")
-    parser.add_argument("--cifar", type=Path, default=None, metavar="PATH",
-                        help="also run on CIFAR-10 from this local .npz (see deq.data.load_cifar10)")
-    parser.add_argument("--datasets", type=_name_list, default=argparse.SUPPRESS, metavar="LIST",
-                        help="comma-separated datasets to run, from " + ",".join(DATASETS) + "; "
-                             "default: the profile's (smoke and quick: digits; full: digits,mnist1d), "
-                             "plus mnist / cifar10 when --mnist / --cifar is given (which they need)")
-    parser.add_argument("--seeds", type=_seed_list, default=argparse.SUPPRESS, metavar="LIST",
-                        help="comma-separated seeds, e.g. 0,1,2; default: the profile's count "
-                             "(smoke 1, quick 2, full 3) of consecutive seeds from --seed")
-    parser.add_argument("--split", choices=("test", "validation"), default="test",
-                        help="evaluate on the test split (default) or on a validation split, for "
-                             "choosing settings without the test split (MNIST-1D: 2,000 fresh "
-                             "generated signals; others: the last 20%% of the training split, left "
-                             f"out of training); validation results go to {NAME}_validation.json")
-    parser.add_argument("--jac-reg", type=float, default=None, metavar="GAMMA",
-                        help="weight of the Jacobian penalty for every dataset; None: "
-                             f"{JAC_REG:g}, chosen on the validation split")
-    parser.add_argument("--learning-rate", type=float, default=None, metavar="LR",
-                        help="peak learning rate of every model on every dataset; None: each "
-                             "dataset's (digits, MNIST-1D 1e-2, chosen on the validation split; "
-                             "MNIST 3e-3; CIFAR-10 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=None, metavar="WD",
-                        help="decoupled weight decay (AdamW) of every model on every dataset; "
-                             "None: 0 (Adam)")
-    parser.add_argument("--cell-hidden", type=int, default=None, metavar="WIDTH",
-                        help="inner width of every model's cells (the DEQ's, the twins'; the "
-                             "param-matched ResNet is matched to the DEQ's new count; the contractive "
-                             "cell has none); None: the state width `hidden`")
-    parser.add_argument("--lipschitz", type=float, default=None, metavar="L",
-                        help="proven Lipschitz bound of the contractive models' cell, in (0, 1); "
-                             f"None: {CONTRACTIVE['lipschitz']:g}, chosen on the validation split")
-    parser.add_argument("--models", type=_model_list, default=argparse.SUPPRESS, metavar="LIST",
-                        help="comma-separated models to train, from " + ",".join(LABELS) +
-                             "; default: the profile's")
-    parser.add_argument("--merge", action="store_true",
-                        help=f"merge into the existing {NAME}.json in --out: replace only the runs of "
-                             "the datasets and seeds run now, keep the others, and recompute the "
-                             "summary table, targets and figures from the merged runs (refused if the "
-                             "profile, models or a kept dataset's settings differ)")
-    args = parser.parse_args(argv)
-    if "datasets" not in args:
-        args.datasets = C.pick(args.profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
-        args.datasets += [n for n, path in (("mnist", args.mnist), ("cifar10", args.cifar)) if path is not None]
-    for name, flag, path in (("mnist", "--mnist", args.mnist), ("cifar10", "--cifar", args.cifar)):
-        if name in args.datasets and path is None:
-            parser.error(f"--datasets names {name}, which needs {flag} PATH (a local .npz)")
-    if "models" not in args:
-        args.models = list(KINDS[args.profile])
-    if args.jac_reg is not None and not args.jac_reg > 0:
-        parser.error(f"--jac-reg must be > 0, got {args.jac_reg}")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
-    if args.weight_decay is not None and not args.weight_decay >= 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.lipschitz is not None and not 0 < args.lipschitz < 1:
-        parser.error(f"--lipschitz must lie in (0, 1) (a contraction), got {args.lipschitz}")
-    if args.cell_hidden is not None and args.cell_hidden < 1:
-        parser.error(f"--cell-hidden must be a positive integer, got {args.cell_hidden}")
-    if "seeds" not in args:
-        args.seeds = [args.seed + i for i in range(C.pick(args.profile, smoke=1, quick=2, full=3))]
-    return args
-
-
-# --------------------------------------------------------------------------------------------
 # Merging into an earlier result file
 # --------------------------------------------------------------------------------------------
 
@@ -1078,6 +1084,7 @@ def merge_runs(previous: dict[str, Any], runs: dict[str, dict[str, list]], setti
 def main(argv=None) -> dict[str, Any]:
     """Run the benchmark; write ``deq_vs_explicit.json`` and PNGs; return the payload."""
     args = parse_args(argv)
+    C.smoke_notice(args.profile, NAME)
     started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
     profile, datasets, seeds = args.profile, args.datasets, args.seeds
@@ -1137,7 +1144,7 @@ def main(argv=None) -> dict[str, Any]:
         print(param_table(models0, reference=next(iter(models0))), flush=True)
         runs[dname] = {k: [] for k in kinds}
         jobs = [(k, s) for s in seeds for k in kinds]
-        for kind, seed in C.progress(jobs, desc=f"{dname} runs"):
+        for kind, seed in C.progress(jobs, desc=f"{dname}", label=lambda j: f"{LABELS[j[0]]} seed {j[1]}"):
             rec, _ = run_one(kind, ds, st, seed, probe_backward=profile != "smoke",
                              large_test=large_tests[dname])
             runs[dname][kind].append(rec)
@@ -1184,16 +1191,16 @@ def main(argv=None) -> dict[str, Any]:
         ("loss", f"{args.split} loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
         ("step_ms", "step ms (median)"), ("step_cpu_ms", "step CPU ms"),
         ("compile", "compile s"), ("fwd", "fwd steps"), ("bwd", "bwd steps"),
-    ], title=f"Final {args.split} accuracy over {seeds_text}; target accuracy "
+    ], keep=2, title=f"Final {args.split} accuracy over {seeds_text}; target accuracy "
              + ", ".join(f"{d} {settings['datasets'][d]['target_accuracy']:.0%}" for d in results))
 
     targets = evaluate_targets(results, settings)
     print()
     for t in targets:
-        print(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
+        C.print_wrapped(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
     comparisons = model_comparisons(results, settings)
     for c in comparisons:
-        print(f"INFO: {c['text']}")
+        C.print_wrapped(f"INFO: {c['text']}")
     if any(large is not None for large in large_tests.values()):
         print(f"(large test set: MNIST-1D, {MNIST1D_LARGE_TEST:,} fresh signals from generator seed 2)")
 
@@ -1218,6 +1225,7 @@ def main(argv=None) -> dict[str, Any]:
     print(f"\ntable: {path} (summary_table, results); run time {payload['run_time_s']:.1f} s")
     for name, fig_path in figures.items():
         print(f"plot ({name}): {fig_path}")
+    C.smoke_notice(profile, NAME, end=True)
     return payload
 
 

@@ -38,6 +38,19 @@ separate compilation (the solver configuration is static).
 
 from __future__ import annotations
 
+from benchmarks import _common as C
+
+NAME = "inference"
+
+
+def parse_args(argv=None):
+    """The command line; it needs no JAX, so ``--help`` answers before the imports below."""
+    return C.make_parser(__doc__.splitlines()[0], name=NAME).parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
 import os
 import time
 from typing import Any
@@ -49,12 +62,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import deq
-from benchmarks import _common as C
 from benchmarks import deq_vs_explicit as DVE
 from deq.nn.models import count_params
 from deq.train import cross_entropy
-
-NAME = "inference"
 
 #: Training tolerances of the models' default solver, kept in the sweep.
 RTOL, ATOL = 1e-3, 1e-5
@@ -170,7 +180,7 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
 
     models, trained = {}, {}
-    for kind in C.progress(kinds, desc=f"{dname}: training"):
+    for kind in C.progress(kinds, desc=f"{dname}: training", label=lambda k: f"{DVE.LABELS[k]} seed {seed}"):
         rec, model = DVE.run_one(kind, ds, st, seed, probe_backward=False)
         models[kind] = model
         trained[kind] = {
@@ -183,7 +193,8 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
 
     sweep: dict[str, Any] = {}
     jobs = [(kind, s, b) for kind, solvers in plan.items() for s in solvers for b in budgets]
-    for kind, sname, b in C.progress(jobs, desc=f"{dname}: budgets"):
+    for kind, sname, b in C.progress(jobs, desc=f"{dname}: budgets",
+                                     label=lambda j: f"{DVE.LABELS[j[0]]}, {SOLVER_LABELS[j[1]]}, max_steps {j[2]}"):
         solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=b)
         metrics, timing = _timed(eval_deq, models[kind], x, y, solver, repeats=repeats)
         if kind in DVE.CONTRACTIVE_MODELS:  # the guarantees, computed apart so timings stay comparable
@@ -283,7 +294,8 @@ def plot(plt, dname: str, res: dict[str, Any], st: dict[str, Any]):
 
 def main(argv=None) -> dict[str, Any]:
     """Run the benchmark; write ``inference.json`` and PNGs; return the payload."""
-    args = C.make_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = parse_args(argv)
+    C.smoke_notice(args.profile, NAME)
     started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
     datasets = C.pick(args.profile, smoke=["digits"], quick=["digits"], full=["digits", "mnist1d"])
@@ -315,7 +327,7 @@ def main(argv=None) -> dict[str, Any]:
         ("acc1", "acc@1 (steps used)"), ("acc4", "acc@4"), ("acc8", "acc@8"), ("acc16", "acc@16"), ("acc50", "acc@50"),
         ("fixed", "acc at own depth"),
         ("b_best", "budget: within 1pt of best"), ("b_unr", "budget: ≥ unrolled-1pt"), ("b_res", "budget: ≥ ResNet-1pt"),
-    ], title="Test accuracy at a forward solver-step budget (max_steps; mean steps used in parentheses)")
+    ], keep=2, title="Test accuracy at a forward solver-step budget (max_steps; mean steps used in parentheses)")
     cert_rows = [{"dataset": dname, "model": f"{DVE.LABELS[kind]}, {SOLVER_LABELS[sname]}", "rtol": f"{p['rtol']:g}",
                   "steps": p["mean_steps"], "acc": f"{p['accuracy']:.2%}", "bound": f"{p['certified_relative_bound_median']:.1e}",
                   "certified": f"{p['certified_prediction_frac']:.2%}"}
@@ -327,7 +339,7 @@ def main(argv=None) -> dict[str, Any]:
         cert_table = C.print_table(cert_rows, [
             "dataset", "model", ("rtol", "solver rtol"), ("steps", "mean steps"), ("acc", "test acc"),
             ("bound", "median ||z - z*|| / ||z|| bound"), ("certified", "predictions certified"),
-        ], title="Contractive DEQ: guaranteed distance to the exact fixed point and predictions certified "
+        ], keep=2, title="Contractive DEQ: guaranteed distance to the exact fixed point and predictions certified "
                  "to be the exact equilibrium's, against the solver tolerance")
 
     figures = {}
@@ -350,6 +362,7 @@ def main(argv=None) -> dict[str, Any]:
     print(f"\ntable: {path}; run time {payload['run_time_s']:.1f} s")
     for dname, fig_path in figures.items():
         print(f"plot ({dname}): {fig_path}")
+    C.smoke_notice(args.profile, NAME, end=True)
     return payload
 
 

@@ -68,6 +68,22 @@ is at most 1.2x its peak at the smallest depth, while the unrolled net grows lin
 
 from __future__ import annotations
 
+from benchmarks import _common as C
+
+NAME = "memory"
+
+
+def parse_args(argv=None):
+    """The command line; it needs no JAX, so ``--help`` answers before the imports below."""
+    parser = C.make_parser(__doc__.splitlines()[0], name=NAME)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="measurement processes run at the same time (each point is its own process)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
 import concurrent.futures
 import ctypes
 import gc
@@ -84,10 +100,6 @@ from flax import nnx
 
 import deq
 import deq.nn
-
-from . import _common as C
-
-NAME = "memory"
 METHODS = ("deq", "unrolled")
 
 #: DEQ peak at the largest depth divided by its peak at the smallest depth must stay below this.
@@ -347,7 +359,8 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
     # Each point is its own process with its own peak-RSS mark, so running `jobs` of them at
     # once changes no figure (only wall time); `--jobs 1` runs them one after another.
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        reports = list(C.progress(pool.map(probe, grid), total=len(grid), desc="points"))
+        reports = [rep for _, rep in C.progress(zip(grid, pool.map(probe, grid)), total=len(grid),
+                                                desc="points", label=lambda it: f"{it[0][0]} depth {it[0][1]}")]
 
     points: list[dict[str, Any]] = []
     for (method, depth), rep in zip(grid, reports):
@@ -513,11 +526,10 @@ def plot(payload: dict[str, Any], out) -> Any:
 
 
 def main(argv=None) -> None:
-    parser = C.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="measurement processes run at the same time (each point is its own process)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    C.smoke_notice(args.profile, NAME)
     run(args.profile, args.seed, args.out, args.no_plot, args.jobs)
+    C.smoke_notice(args.profile, NAME, end=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,19 @@ Measured:
 
 from __future__ import annotations
 
+from benchmarks import _common as C
+
+NAME = "mondeq_digits"
+
+
+def parse_args(argv=None):
+    """The command line; it needs no JAX, so ``--help`` answers before the imports below."""
+    return C.make_parser(__doc__.splitlines()[0], name=NAME).parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
 import re
 import time
 import warnings
@@ -45,10 +58,6 @@ from flax import nnx
 import deq
 from deq.data import iterate_batches, load_digits
 from deq.monotone import ForwardBackward, MonDEQClassifier, PeacemanRachford, monotone_fixed_point
-
-from . import _common as C
-
-NAME = "mondeq_digits"
 M = 1.0
 BATCH = 64
 
@@ -129,6 +138,8 @@ def train(ds, *, hidden: int, epochs: int, lr: float, seed: int, max_train: int 
                 "train_forward_nonconverged": nonconv,
                 "elapsed_s": time.perf_counter() - t_start,
             })
+            C.say(f"training: monDEQ seed {seed} epoch {epoch + 1}/{epochs} done "
+                  f"({history[-1]['elapsed_s']:.1f} s, test accuracy {float(test_acc):.1%})")
         jax.effects_barrier()
     train_s = time.perf_counter() - t_start
     bwd_batches, bwd_samples = count_warned(records)
@@ -234,8 +245,8 @@ def plot(history, ev, summary, out_dir):
 
 
 def main(argv=None):
-    parser = C.make_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    C.smoke_notice(args.profile, NAME)
     hidden = C.pick(args.profile, smoke=32, quick=128, full=200)
     epochs = C.pick(args.profile, smoke=1, quick=15, full=40)
     max_train = C.pick(args.profile, smoke=256, quick=None, full=None)
@@ -293,6 +304,7 @@ def main(argv=None):
     print(f"wrote {path}")
     if not args.no_plot:
         print(f"wrote {plot(history, ev, summary, args.out)}")
+    C.smoke_notice(args.profile, NAME, end=True)
     return payload
 
 

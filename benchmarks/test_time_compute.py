@@ -52,6 +52,19 @@ Targets (PASS/MISS, honest):
 
 from __future__ import annotations
 
+from benchmarks import _common as C
+
+NAME = "test_time_compute"
+
+
+def parse_args(argv=None):
+    """The command line; it needs no JAX, so ``--help`` answers before the imports below."""
+    return C.make_parser(__doc__.splitlines()[0], name=NAME).parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
 import os
 import time
 from typing import Any
@@ -63,13 +76,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import deq
-from benchmarks import _common as C
 from deq.data import load_algorithmic
 from deq.nn import solution_info
 from deq.nn.models import count_params
 from deq.train import TrainConfig, fit
-
-NAME = "test_time_compute"
 LABELS = {"deq": "DEQ (shift cell)", "unrolled": "Unrolled (tied)", "stack": "Explicit stack (untied)"}
 COLORS = {"deq": "C0", "unrolled": "C1", "stack": "C3"}
 SOLVERS = {"fixed_point_iteration": deq.FixedPointIteration, "anderson": deq.Anderson}
@@ -240,7 +250,9 @@ def run_seed(st: dict[str, Any], seed: int, test_sets: dict[int, Any]) -> dict[s
     models = {}
     for kind in ("deq", "unrolled", "stack"):
         model = build(kind, st, seed)
+        t0 = time.perf_counter()
         hist = fit(model, ds, cfg)
+        C.say(f"training: {LABELS[kind]} seed {seed} done in {time.perf_counter() - t0:.1f} s")
         times = np.array([r["step_time"] for r in hist.train])
         models[kind] = model
         out["models"][kind] = {
@@ -257,7 +269,8 @@ def run_seed(st: dict[str, Any], seed: int, test_sets: dict[int, Any]) -> dict[s
     tied: dict[str, dict[str, Any]] = {}
     last: dict[str, dict[str, Any]] = {}
     jobs = [(L, s, b) for L in st["test_lengths"] for s in st["solvers"] for b in st["budgets"]]
-    for L, sname, b in C.progress(jobs, desc=f"seed {seed}: lengths x budgets"):
+    for L, sname, b in C.progress(jobs, desc=f"seed {seed}: lengths x budgets",
+                                  label=lambda j: f"DEQ, {j[1]}, length {j[0]}, max_steps {j[2]}"):
         x, y = test_sets[L]
         solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=b)
         t0 = time.perf_counter()
@@ -403,7 +416,8 @@ def plot(plt, agg: dict[str, Any], runs: list[dict[str, Any]], st: dict[str, Any
 
 def main(argv=None) -> dict[str, Any]:
     """Run the benchmark; write ``test_time_compute.json`` and a PNG; return the payload."""
-    args = C.make_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = parse_args(argv)
+    C.smoke_notice(args.profile, NAME)
     started, cpu_started = time.perf_counter(), time.process_time()
     load_before = os.getloadavg()
     st = settings_for(args.profile)
@@ -413,7 +427,7 @@ def main(argv=None) -> dict[str, Any]:
         t = load_algorithmic("prefix_parity", train_length=st["train_length"], test_length=L, num_train=1,
                              num_test=st["num_test"], seed=10_000 + L)
         test_sets[L] = (jnp.asarray(t.x_test), jnp.asarray(t.y_test))
-    runs = [run_seed(st, s, test_sets) for s in C.progress(seeds, desc="seeds")]
+    runs = [run_seed(st, s, test_sets) for s in C.progress(seeds, desc="seeds", label=lambda s: f"seed {s}")]
     agg = aggregate(runs, st)
     targets = evaluate_targets(agg, st)
 
@@ -452,7 +466,7 @@ def main(argv=None) -> dict[str, Any]:
                           title="Per-token test accuracy by test length (DEQ: mean solver steps used in parentheses)")
     print()
     for t in targets:
-        print(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
+        C.print_wrapped(f"{'PASS' if t['passed'] else 'MISS'}: {t['target']} -- {t['measured']}")
 
     figures = {}
     if not args.no_plot:
@@ -470,6 +484,7 @@ def main(argv=None) -> dict[str, Any]:
     print(f"\ntable: {path}; run time {payload['run_time_s']:.1f} s")
     for name, fig_path in figures.items():
         print(f"plot ({name}): {fig_path}")
+    C.smoke_notice(args.profile, NAME, end=True)
     return payload
 
 

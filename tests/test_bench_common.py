@@ -1,6 +1,7 @@
 """Tests for the shared benchmark infrastructure in ``benchmarks/_common.py``."""
 
 import json
+from pathlib import Path
 import math
 
 import jax
@@ -79,10 +80,12 @@ def test_compile_time_and_xla_memory():
 
 
 def test_parser_profiles():
-    parser = C.make_parser("demo")
+    parser = C.make_parser("demo", name="demo")
     args = parser.parse_args([])
     assert args.profile == "quick" and args.seed == 0 and args.no_plot is False
-    assert args.out == C.REPO_ROOT / "benchmarks" / "results"
+    # By default nothing is written into the committed results: ./deq-results/<name>/.
+    assert args.out == C.default_out("demo") == Path("deq-results") / "demo"
+    assert parser.prog == "python -m benchmarks.demo"
     for profile in C.PROFILES:
         assert parser.parse_args(["--profile", profile]).profile == profile
     args = parser.parse_args(["--profile", "smoke", "--seed", "3", "--no-plot", "--out", "x"])
@@ -189,6 +192,45 @@ def test_save_figure_and_progress(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DEQ_NO_PROGRESS", "1")
     assert list(C.progress(range(4), desc="x")) == [0, 1, 2, 3]
+
+
+def test_progress_lines_on_stderr_unless_disabled(capsys, monkeypatch):
+    monkeypatch.delenv("DEQ_NO_PROGRESS", raising=False)
+    assert list(C.progress(["a", "b"], desc="runs", label=lambda s: f"model {s}")) == ["a", "b"]
+    C.say("hello")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 3 and "runs 1/2: model a done in" in lines[0] and "runs 2/2: model b" in lines[1]
+    assert lines[2].endswith("] hello") and lines[2].startswith("[")
+    monkeypatch.setenv("DEQ_NO_PROGRESS", "1")
+    list(C.progress(["a"], desc="runs"))
+    C.say("quiet")
+    assert capsys.readouterr().err == ""
+
+
+def test_smoke_notice(capsys, monkeypatch):
+    monkeypatch.setenv("DEQ_NO_PROGRESS", "1")  # the notice is not a progress line: always shown
+    C.smoke_notice("quick", "demo")
+    assert capsys.readouterr().out == ""
+    C.smoke_notice("smoke", "demo")
+    C.smoke_notice("smoke", "demo", end=True)
+    out = capsys.readouterr().out
+    assert out.count("only checks that the code runs") == 2 and "not results" in out
+    assert max(len(line) for line in out.splitlines()) <= C.MAX_WIDTH
+
+
+def test_print_table_splits_wide_tables(capsys):
+    rows = [{"name": f"model {i}", **{f"c{j}": 1000.0 * i + j for j in range(30)}} for i in range(3)]
+    columns = ["name"] + [(f"c{j}", f"column {j} [unit]") for j in range(30)]
+    text = C.print_table(rows, columns, title="A title " * 30, keep=1)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= C.MAX_WIDTH
+    # every value is still there, and every block repeats the name column
+    for j in range(30):
+        assert f"column {j} [unit]" in text
+    blocks = text.split("\n\n")
+    assert len(blocks) > 1 and all("model 2" in b for b in blocks)
 
 
 def test_git_info_dirty_ignores_result_files_only(tmp_path, monkeypatch):
