@@ -92,8 +92,10 @@ class Stats:
       num_steps: solver steps taken (each step costs one evaluation of `f`, plus backtracking
         evaluations for `Broyden(line_search=True)`).
       residual_norm: `||f(z) - z||` (l2 over all leaves of one sample) at the returned value.
-      converged: whether `residual_norm <= atol + rtol * ||f(z)||` was reached.
-      result: a code from `deq.RESULTS` (converged, max_steps reached, non-finite residual).
+      converged: whether the stopping test `residual_norm <= atol + rtol * min(||f(z)||, 100 s0)`
+        (`s0 = max(||z0||, ||f(z0)||)`) held at the returned value.
+      result: a code from `deq.RESULTS`: CONVERGED, MAX_STEPS, NONFINITE or DIVERGED
+        (`deq.RESULTS.name(code)`, `deq.RESULTS.describe(code)`).
       residual_history: `||f(z_k) - z_k||` at each step `k = 0..max_steps` (NaN after the
         solve stopped for that sample), shape `(..., max_steps + 1)`.
       lipschitz: a Lipschitz constant of `f` in `z` attached by `deq.Certificate.attach` (None
