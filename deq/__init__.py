@@ -2,6 +2,48 @@
 
 Solve `z* = f(z*, args)` with Anderson, Broyden or damped iteration, differentiate it with the
 implicit function theorem (or phantom gradients, JFB, unrolling), and use it as a Flax layer.
+
+The public API, one line per piece (each has its own docstring with an example):
+
+Solving
+    fixed_point(f, z0, args, *, solver=Anderson(), backward=IFT(), batch_axis=None, ...)
+        the one entry point: returns a Solution; composes with jit, vmap and grad.
+Solvers (forward; every one takes rtol, atol, max_steps)
+    Anderson, Broyden, FixedPointIteration  -- type-II Anderson, limited-memory Broyden, damped iteration
+    Fallback(solvers=(...))                 -- per-sample hand-over to the next solver on trouble
+    JaxoptSolver(jaxopt_cls, ...)           -- any jaxopt fixed-point solver inside fixed_point
+    GMRES                                   -- a Krylov solver for IFT's linear adjoint system
+    AbstractSolver, Best                    -- write your own solver (init / step on packed rows)
+Backward strategies (how a solve is differentiated)
+    IFT(solver=None)       -- implicit function theorem: one adjoint solve, memory independent of steps
+    PhantomGrad, JFB       -- phantom gradient (Geng et al. 2021), Jacobian-free backprop (Fung et al. 2022)
+    Unrolled               -- backprop through every solver step: the reference
+    AbstractBackward       -- the base class
+What a solve returns
+    Solution(value, stats)  -- the lowest-residual iterate and its Stats
+    Stats                   -- num_steps, residual_norm, converged, result, residual_history; .summary()
+    RESULTS                 -- result codes CONVERGED, MAX_STEPS, NONFINITE, DIVERGED;
+                               RESULTS.name(code), RESULTS.describe(code) (what to try)
+    BackwardStats           -- the IFT adjoint's statistics, received as a cotangent: BackwardStats.probe(batch)
+Failures
+    SolveError, clean_errors()  -- the exception of a failed solve (throw=True), and the context manager
+                                   that delivers it from your own jax.jit
+    NonConvergenceWarning       -- an IFT adjoint that did not converge
+Guarantees and stabilizers
+    certify, certify_estimate, Certificate, certified_argmax  -- per-sample error bounds ||z - z*||,
+                                   certified predictions of a linear head
+    lipschitz_estimate, spectral_radius_estimate  -- power iteration at the fixed point
+    jacobian_frobenius, jacobian_penalty           -- Jacobian regularization (module deq.regularize)
+    fixed_point_correction, correction_loss        -- fixed-point correction over several iterates
+Submodules
+    deq.nn        -- Flax NNX: the DEQ layer, cells (DenseCell, ConvCell, ...), contractive and
+                     normalized cells, ready classifiers (deq.nn.models), solution_info
+    deq.linen     -- the same DEQ layer for Flax Linen
+    deq.monotone  -- monotone operator DEQs (MonDEQ, MonDEQConv, MonDEQClassifier) and splitting solvers
+    deq.data      -- offline datasets (load_digits, load_mnist1d, load_algorithmic, local MNIST /
+                     CIFAR-10 / text .npz files), iterate_batches
+    deq.train     -- (import deq.train) fit(model, dataset, TrainConfig(...)): a training loop with
+                     schedules, logs, checkpoints and data parallelism
 """
 
 from ._fixed_point import fixed_point as fixed_point

@@ -315,3 +315,13 @@ class MonDEQClassifier(nnx.Module):
         x = flatten_input("MonDEQClassifier", x, self.in_features)
         sol = self.deq(x, return_solution=True)
         return self.head(sol.value), solution_info(sol)
+
+
+# `inspect.signature` and `help` of every module class above show its real arguments (NNX's
+# metaclass would show `(*args, **kwargs)`).
+from ..nn._layer import _own_signature  # noqa: E402
+
+for _cls in [c for c in list(globals().values())
+             if isinstance(c, type) and issubclass(c, nnx.Module) and c.__module__ == __name__]:
+    _own_signature(_cls)
+del _cls

@@ -591,3 +591,13 @@ class TransformerCell(nnx.Module):
         u = z + (x if self.inject is None else self.inject(x))
         h = u + self._attention(self.ln1(u))
         return self.ln3(h + self.fc2(jax.nn.gelu(self.fc1(self.ln2(h)))))
+
+
+# `inspect.signature` and `help` of every module class above show its real arguments (NNX's
+# metaclass would show `(*args, **kwargs)`).
+from ._layer import _own_signature  # noqa: E402
+
+for _cls in [c for c in list(globals().values())
+             if isinstance(c, type) and issubclass(c, nnx.Module) and c.__module__ == __name__]:
+    _own_signature(_cls)
+del _cls

@@ -241,3 +241,13 @@ class ContractiveDense(nnx.Module):
         if self.b is not None:
             pre = pre + self.b[...].astype(dt)
         return _ACTIVATIONS[self.activation](pre).astype(dt)
+
+
+# `inspect.signature` and `help` of every module class above show its real arguments (NNX's
+# metaclass would show `(*args, **kwargs)`).
+from ._layer import _own_signature  # noqa: E402
+
+for _cls in [c for c in list(globals().values())
+             if isinstance(c, type) and issubclass(c, nnx.Module) and c.__module__ == __name__]:
+    _own_signature(_cls)
+del _cls

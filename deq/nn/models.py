@@ -970,3 +970,13 @@ def matched_conv_resnet_channels(target_params: int, in_channels: int, num_class
         lambda c: ConvResNetClassifier(in_channels, c, num_classes, depth, rngs=nnx.Rngs(0), **kwargs),
         target_params, multiple_of=multiple_of, hi=1024,
     )
+
+
+# `inspect.signature` and `help` of every module class above show its real arguments (NNX's
+# metaclass would show `(*args, **kwargs)`).
+from ._layer import _own_signature  # noqa: E402
+
+for _cls in [c for c in list(globals().values())
+             if isinstance(c, type) and issubclass(c, nnx.Module) and c.__module__ == __name__]:
+    _own_signature(_cls)
+del _cls
