@@ -157,6 +157,21 @@ BAD_DATA = [
      ValueError, "batch_size=8 is larger than the 5 training samples"),
     ("nan-initial-parameters", make_ds, lambda rngs: _poisoned(Net(rngs)),
      ValueError, "'l/kernel' holds non-finite values before training"),
+    ("bool-labels", lambda: make_ds(y_train=Y[:N_TRAIN] > 0), Net,
+     TypeError, "y_train must hold integer class indices, got dtype bool"),
+    ("labels-with-an-extra-axis", lambda: make_ds(y_train=Y[:N_TRAIN, None], y_test=Y[N_TRAIN:, None]), Net,
+     ValueError, "do not match the targets (8, 1)"),
+    ("string-inputs", lambda: types.SimpleNamespace(x_train=X[:N_TRAIN].astype(str), y_train=Y[:N_TRAIN],
+                                                    x_test=X[N_TRAIN:], y_test=Y[N_TRAIN:]), Net,
+     TypeError, "x_train must be a numeric array"),
+    ("inputs-and-labels-of-different-lengths",
+     lambda: types.SimpleNamespace(x_train=X[:N_TRAIN], y_train=Y[:N_TRAIN - 1], x_test=X[N_TRAIN:],
+                                   y_test=Y[N_TRAIN:]), Net,
+     ValueError, "(31,)"),
+    ("num-classes-not-an-integer",
+     lambda: types.SimpleNamespace(x_train=X[:N_TRAIN], y_train=Y[:N_TRAIN], x_test=X[N_TRAIN:],
+                                   y_test=Y[N_TRAIN:], num_classes="3"), Net,
+     ValueError, "num_classes must be an integer >= 1"),
 ]
 
 
@@ -177,9 +192,16 @@ def test_bad_data_fails_before_the_first_step(make_data, make_model, error, text
     jax.tree.map(np.testing.assert_array_equal, params_of(model), before)
 
 
-def test_zero_epochs_is_refused():
-    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
-        cfg(total_steps=None, epochs=0)
+CONFIGS = [("zero-epochs", dict(total_steps=None, epochs=0), "epochs must be an integer >= 1, got 0"),
+           ("infinite-learning-rate", dict(learning_rate=float("inf")),
+            "learning_rate must be a finite number"),
+           ("skip-nonfinite-not-a-bool", dict(skip_nonfinite=1), "skip_nonfinite must be a bool, got 1")]
+
+
+@pytest.mark.parametrize("settings, text", [c[1:] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
+def test_bad_config_is_refused(settings, text):
+    with pytest.raises((ValueError, TypeError), match=text):
+        cfg(**settings)
 
 
 # ----------------------------------------------------------------------------- non-finite steps
@@ -252,6 +274,27 @@ def test_skip_mode_skips_and_counts_the_nonfinite_steps(tmp_path):
     assert all_finite(params_of(model))
     restored = ExpNet(nnx.Rngs(1))
     assert restore_checkpoint(tmp_path, restored)["step"] == 12 and all_finite(params_of(restored))
+
+
+def test_skip_mode_with_every_step_nonfinite_leaves_the_model_as_it_was():
+    ds = make_ds(x_train=np.full_like(X[:N_TRAIN], 100.0))  # every sample overflows exp()
+    model = ExpNet(nnx.Rngs(0))
+    before = params_of(model)
+    h = fit(model, ds, cfg(skip_nonfinite=True))
+    assert h.skipped_steps == 4 == len(h.train)
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), before)
+
+
+def test_a_run_stopped_as_nonfinite_resumes_with_skipping_switched_on(tmp_path):
+    ds, _ = _overflow_dataset()
+    config = cfg(total_steps=12, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    with pytest.raises(NonFiniteError) as info:
+        fit(ExpNet(nnx.Rngs(0)), ds, config)
+    step = info.value.step
+    h = fit(ExpNet(nnx.Rngs(3)), ds, cfg(total_steps=12, checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                                         skip_nonfinite=True))
+    assert h.start_step == step - 1 and h.train[step - 1]["skipped"] == 1.0
+    assert [r["step"] for r in h.train] == list(range(1, 13))
 
 
 def test_train_step_never_applies_a_nonfinite_update():
@@ -327,7 +370,18 @@ DAMAGE = [
     ("truncated-run-metadata", lambda d: _truncate(d / "meta" / "metadata"), "meta/metadata"),
     ("deleted-model-folder", lambda d: shutil.rmtree(d / "model"), ""),
     ("emptied-step-folder", _empty, "meta/metadata"),
+    ("nan-parameters-from-an-older-version", lambda d: _nan_model(d / "model"), "model"),
 ]
+
+
+def _nan_model(path: Path):
+    """What the previous code saved after one NaN sample: every parameter NaN."""
+    import orbax.checkpoint as ocp
+
+    state = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), nnx.to_pure_dict(nnx.state(Net(nnx.Rngs(0)))))
+    shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, state)
 
 
 @pytest.mark.parametrize("damage, where", [c[1:] for c in DAMAGE], ids=[c[0] for c in DAMAGE])
