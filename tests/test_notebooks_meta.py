@@ -1,6 +1,7 @@
 """Static checks of the tutorial notebooks in notebooks/ (their execution is checked by nbmake).
 
-The five numbered notebooks must exist, be committed with their outputs (at least one rendered
+The five numbered notebooks must exist, each paired (jupytext, percent format) with a script of
+the same name holding the same cells, be committed with their outputs (at least one rendered
 plot each, so they read well on the repository browser), import only deq's public API, and cite
 the papers they build on in their markdown.
 """
@@ -55,11 +56,31 @@ def test_outputs_committed(name):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code, f"{name} has no code cells"
     unexecuted = [i for i, c in enumerate(code) if c.get("execution_count") is None]
-    assert not unexecuted, f"{name}: code cells {unexecuted} were not executed; run notebooks/_build.py"
+    assert not unexecuted, (f"{name}: code cells {unexecuted} were not executed; run "
+                            f"`jupytext --sync --execute notebooks/{name[:-6]}.py`")
     images = sum("image/png" in out.get("data", {}) for c in code for out in c.get("outputs", []))
     assert images >= 1, f"{name} has no image/png output: commit it executed, with its plots"
     errors = [out for c in code for out in c.get("outputs", []) if out.get("output_type") == "error"]
     assert not errors, f"{name} was committed with an error output: {errors[0].get('ename')}"
+
+
+def test_jupytext_pairs_every_notebook():
+    config = (NOTEBOOKS / "jupytext.toml").read_text(encoding="utf-8")
+    assert re.search(r'^formats\s*=\s*"ipynb,py:percent"', config, re.M)
+    scripts = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+    assert scripts == sorted(n.replace(".ipynb", ".py") for n in EXPECTED.values())
+    assert not (NOTEBOOKS / "_build.py").exists()  # the scripts are the sources now
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED.values()))
+def test_script_and_notebook_hold_the_same_cells(name):
+    """Edit either file of a pair, then `jupytext --sync` it: the two never drift apart."""
+    jupytext = pytest.importorskip("jupytext")
+    script = jupytext.read(NOTEBOOKS / name.replace(".ipynb", ".py"))
+    nb = _load(name)
+    assert [(c.cell_type, c.source) for c in script.cells] == [
+        (c["cell_type"], _source(c)) for c in nb["cells"]
+    ], f"{name} and its .py differ: run `jupytext --sync notebooks/{name}`"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED.values()))
