@@ -324,6 +324,16 @@ def test_an_infinite_buffer_on_purpose_is_not_taken_for_a_nonfinite_step(tmp_pat
     assert again.start_step == 8
 
 
+def test_train_step_refuses_an_update_that_overflows_from_a_finite_gradient():
+    model = Net(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.sgd(3e38), wrt=nnx.Param)  # finite rate, overflowing step
+    before = params_of(model)
+    m = train_step(model, opt, jnp.asarray(X[:BATCH]) * 10, jnp.asarray(Y[:BATCH]))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert float(m["skipped"]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), before)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 CKPT = dict(total_steps=6, checkpoint_every=2)
