@@ -456,11 +456,11 @@ def plot(payload: dict[str, Any], out) -> Any:
     axes[1].plot(xs, [1e3 * t["min_s"] for t in tm], "kv", ms=5, label="minimum")
     axes[1].legend(fontsize=7)
     axes[1].set_ylabel("time per training step [ms]")
-    axes[1].set_title("(b) step time (compile excluded)")
+    axes[1].set_title("(b1) step time (compile excluded)")
     temp = [(results[s]["memory"]["xla_temp_bytes"] or 0) / 1024 for s in names]
     axes[2].bar(xs, temp, color="tab:purple")
     axes[2].set_ylabel("XLA temp memory of the step [KiB]")
-    axes[2].set_title("(b) step memory")
+    axes[2].set_title("(b2) step memory")
     acc = [100 * results[s]["accuracy"] for s in names]
     err = [100 * results[s]["accuracy_std"] for s in names]
     axes[3].bar(xs, acc, yerr=err, capsize=3, color="tab:green")

@@ -805,27 +805,57 @@ def _band(ax, xs_runs, ys_runs, color, label, marker=None):
         ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2, linewidth=0)
 
 
+#: Groups of models drawn in one column each of `plot_dataset` (with the DEQ as the reference in
+#: every group), so no panel holds more than five curves.
+PLOT_GROUPS = (
+    ("DEQ and its tied twins", ("deq", "deq_jr", "unrolled", "unrolled_jr")),
+    ("contractive cell", ("deq_contractive", "unrolled_contractive")),
+    ("untied ResNets", ("resnet", "resnet_wide")),
+)
+
+
 def plot_dataset(plt, dname: str, res: dict[str, Any], st: dict[str, Any], nseeds: int):
-    """Accuracy and loss vs epoch and vs training wall time for one dataset."""
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    xkeys = (("epoch", "epoch", "epoch"),
-             ("train_time_s", "training wall time (s, compilation excluded)", "training wall time"),
-             ("train_cpu_s", "training CPU time of the process (s, compilation excluded)", "training CPU time"))
-    for kind, agg in res.items():
-        runs = agg["runs"]
-        label = f"{agg['label']} ({agg['params']:,} params)"
-        for row, key, name in ((0, "test_accuracy", "test accuracy"), (1, "test_loss", "test loss")):
-            for col, (xkey, xlabel, xname) in enumerate(xkeys):
-                ax = axes[row, col]
+    """Test accuracy against epoch and against training wall time, and test loss against epoch,
+    one column per group of models (`PLOT_GROUPS`, the DEQ drawn in each as the reference),
+    with one legend per column below it (none over the curves). The accuracy axes start near the
+    target, so the plateaus that the models are compared on are readable."""
+    groups = []
+    for title, kinds in PLOT_GROUPS:
+        members = [k for k in kinds if k in res]
+        if members:
+            ref = ["deq"] if "deq" in res and "deq" not in members else []
+            groups.append((title, ref + members, bool(ref)))
+    if not groups:
+        groups = [("models", list(res), False)]
+    rows = (("epoch", "test_accuracy", "test accuracy (fraction)", "epoch"),
+            ("train_time_s", "test_accuracy", "test accuracy (fraction)", "training wall time (s, compilation excluded)"),
+            ("epoch", "test_loss", "test loss (cross-entropy, nats), log scale", "epoch"))
+    fig, axes = plt.subplots(len(rows), len(groups), figsize=(5.6 * len(groups), 11), squeeze=False)
+    accs = [a for agg in res.values() for r in agg["runs"] for a in r["test_accuracy"]]
+    low = max(min(accs, default=0.0), st["target_accuracy"] - 0.03)
+    for col, (title, kinds, with_reference) in enumerate(groups):
+        for row, (xkey, key, ylabel, xlabel) in enumerate(rows):
+            ax = axes[row, col]
+            for kind in kinds:
+                agg = res[kind]
+                runs = agg["runs"]
+                label = f"{agg['label']} ({agg['params']:,} params)"
                 _band(ax, [r[xkey] for r in runs], [r[key] for r in runs], COLORS[kind], label, "o")
-                ax.set_xlabel(xlabel)
-                ax.set_ylabel(f"{name} ({'fraction' if row == 0 else 'cross-entropy, nats'})")
-                ax.set_title(f"{name} vs {xname}")
-                ax.grid(alpha=0.3)
-    for ax in axes[0]:
-        ax.axhline(st["target_accuracy"], color="gray", ls=":", lw=1, label=f"target {st['target_accuracy']:.0%}")
-    for ax in axes.ravel():
-        ax.legend(fontsize=7)
+                if kind == "deq" and with_reference and ax.lines:
+                    ax.lines[-1].set_linestyle("--")  # the reference, drawn again in this group
+            if key == "test_accuracy":
+                ax.axhline(st["target_accuracy"], color="gray", ls=":", lw=1,
+                           label=f"target {st['target_accuracy']:.0%}")
+                ax.set_ylim(low, 1.0 + 0.05 * (1.0 - low))
+            else:
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}" if row == 0 else None)
+            ax.grid(alpha=0.3, which="both")
+        handles, labels = axes[0, col].get_legend_handles_labels()
+        axes[-1, col].legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+                             ncol=1, frameon=False)
     fig.suptitle(f"{dname}: dense DEQ vs explicit twins (hidden {st['hidden']}, depth {st['depth']}; "
                  f"mean and min-max over {nseeds} seed(s))")
     fig.tight_layout()
@@ -860,7 +890,8 @@ def plot_solver_steps(plt, results: dict[str, dict[str, Any]]):
         ax.set_ylabel("solver steps per sample (cell evaluations)")
         ax.set_title(f"{dname}: solver steps during training")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # below the panel, where it hides no curve
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.suptitle("Forward and backward solver steps (Anderson), with and without Jacobian regularization"
                  + (", and with the contractive cell" if any("deq_contractive" in r for r in results.values()) else ""))
     fig.tight_layout()

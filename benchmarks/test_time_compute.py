@@ -407,7 +407,8 @@ def plot(plt, agg: dict[str, Any], runs: list[dict[str, Any]], st: dict[str, Any
         ax.axhline(0.5, color="black", lw=0.8, alpha=0.5, label="chance")
         ax.set_ylim(max(0.0, low), 1.02)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        # below the panel, where it hides no curve
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.suptitle(f"Prefix parity: trained on length {L0}, tested longer; DEQ solved by {sname.replace('_', ' ')} "
                  f"(mean over {len(runs)} seed(s))")
     fig.tight_layout()
