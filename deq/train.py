@@ -1112,12 +1112,13 @@ def _restore_newest(manager, model, optimizer, *, check: Callable[[dict], None] 
             moved = [_set_aside(e.step_dir) for e in unreadable] if set_aside else []
             if moved:
                 manager.reload()
+            one, names = len(moved) == 1, ", ".join(repr(str(m)) for m in moved)
+            renamed = (f". {'It was' if one else 'They were'} renamed {names}: delete "
+                       f"{'it' if one else 'them'} when no longer needed." if moved else ".")
             warnings.warn(
                 f"{'resumed from' if set_aside else 'loaded'} the checkpoint of step {step} in "
                 f"{str(manager.directory)!r}, the newest that can be read; newer checkpoints cannot: "
-                + "; ".join(f"step {e.step}: {e}" for e in unreadable)
-                + (f". They were renamed {', '.join(repr(str(m)) for m in moved)}: delete them "
-                   "once you no longer need them." if moved else "."),
+                + "; ".join(f"step {e.step}: {e}" for e in unreadable) + renamed,
                 stacklevel=3,
             )
         return meta

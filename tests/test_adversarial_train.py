@@ -409,6 +409,19 @@ def test_corrupt_latest_checkpoint_resumes_from_the_newest_intact_one(golden, tm
     assert restore_checkpoint(ckpt, Net(nnx.Rngs(6)))["step"] == 6
 
 
+def test_two_corrupt_checkpoints_are_both_named_and_set_aside(golden, tmp_path):
+    ckpt = _copy(golden, tmp_path)
+    _truncate(_largest(ckpt / "6" / "model" / "d"))
+    _truncate(ckpt / "4" / "meta" / "metadata")
+    model = Net(nnx.Rngs(5))
+    with pytest.warns(UserWarning, match="resumed from the checkpoint of step 2") as caught:
+        h = fit(model, make_ds(), cfg(checkpoint_dir=str(ckpt), **CKPT))
+    message = " ".join(str(w.message) for w in caught)
+    assert str(ckpt / "6" / "model") in message and str(ckpt / "4" / "meta" / "metadata") in message
+    assert h.start_step == 2 and (ckpt / "6.corrupt").is_dir() and (ckpt / "4.corrupt").is_dir()
+    assert_close(params_of(model), golden[1])
+
+
 def test_every_checkpoint_corrupt_is_an_error_naming_them_unless_asked_to_start_over(golden, tmp_path):
     ckpt = _copy(golden, tmp_path)
     for step in (2, 4, 6):
