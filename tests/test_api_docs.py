@@ -56,3 +56,18 @@ def test_signature_is_the_real_one(name, cls):
     init = inspect.signature(cls.__init__)
     assert list(sig.parameters) == list(init.parameters)[1:]  # the same arguments, without self
     assert "rngs" in sig.parameters or name.endswith(".DEQ")
+
+
+def test_subclass_and_instance_signatures():
+    """A user's subclass shows its own `__init__`; an instance shows its `__call__`."""
+
+    class MyCell(deq.nn.DenseCell):
+        def __init__(self, width, *, rngs, scale=2.0):
+            super().__init__(width, rngs=rngs)
+
+    assert list(inspect.signature(MyCell).parameters) == ["width", "rngs", "scale"]
+    cell = deq.nn.DenseCell(4, rngs=nnx.Rngs(0))
+    assert list(inspect.signature(cell).parameters) == ["z", "x"]
+    assert "features" in inspect.signature(deq.nn.DenseCell).parameters
+    text = inspect.getdoc(deq.nn.DenseCell) or ""
+    assert text  # help() has the class docstring to show, under the real signature

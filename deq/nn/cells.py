@@ -34,6 +34,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -593,11 +594,24 @@ class TransformerCell(nnx.Module):
         return self.ln3(h + self.fc2(jax.nn.gelu(self.fc1(self.ln2(h)))))
 
 
-# `inspect.signature` and `help` of every module class above show its real arguments (NNX's
-# metaclass would show `(*args, **kwargs)`).
-from ._layer import _own_signature  # noqa: E402
+class _InitSignature:
+    """`inspect.signature(cls)` (and `help(cls)`) from `cls.__init__`, for a module class and every
+    subclass of it, which NNX's metaclass alone shows as `(*args, **kwargs)`. Read on an instance it
+    is absent, so `inspect.signature(module)` stays that of its `__call__`."""
 
-for _cls in [c for c in list(globals().values())
-             if isinstance(c, type) and issubclass(c, nnx.Module) and c.__module__ == __name__]:
-    _own_signature(_cls)
-del _cls
+    def __get__(self, instance, owner):
+        if instance is not None:
+            raise AttributeError("__signature__")
+        sig = inspect.signature(owner.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def _show_init_signatures(namespace: dict, module_name: str) -> None:
+    """Give every `nnx.Module` class defined in `module_name` (found in `namespace`) an
+    `_InitSignature`, inherited by its subclasses (a user's subclass shows its own `__init__`)."""
+    for obj in list(namespace.values()):
+        if isinstance(obj, type) and issubclass(obj, nnx.Module) and obj.__module__ == module_name:
+            obj.__signature__ = _InitSignature()
+
+
+_show_init_signatures(globals(), __name__)

@@ -243,11 +243,7 @@ class ContractiveDense(nnx.Module):
         return _ACTIVATIONS[self.activation](pre).astype(dt)
 
 
-# `inspect.signature` and `help` of every module class above show its real arguments (NNX's
-# metaclass would show `(*args, **kwargs)`).
-from ._layer import _own_signature  # noqa: E402
+# `inspect.signature` and `help` of every module class above show its real arguments.
+from .cells import _show_init_signatures  # noqa: E402
 
-for _cls in [c for c in list(globals().values())
-             if isinstance(c, type) and issubclass(c, nnx.Module) and c.__module__ == __name__]:
-    _own_signature(_cls)
-del _cls
+_show_init_signatures(globals(), __name__)
