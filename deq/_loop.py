@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ._solution import RESULTS
-from ._tree import row_norm, where_rows
+from ._tree import row_norms, where_rows
 from .solvers._base import Best
 
 GROWTH_CAP = 100.0
@@ -83,9 +83,8 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     B = x0.shape[0]
 
     fx0 = F(x0)
-    res0 = jax.lax.stop_gradient(row_norm(fx0 - x0))
-    nf0 = jax.lax.stop_gradient(row_norm(fx0))
-    scale0 = jnp.maximum(jax.lax.stop_gradient(row_norm(x0)), nf0)
+    res0, nf0, n0 = jax.lax.stop_gradient(row_norms(fx0 - x0, fx0, x0))
+    scale0 = jnp.maximum(n0, nf0)
     if rhs_norm is None:
         ref_cap = GROWTH_CAP * scale0
     else:
@@ -123,8 +122,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
         best = Best(c.best_x, c.best_fx, c.best_res)
         x_new, fx_new, state_new = solver.step(F, c.x, c.fx, c.state, c.active, best)
         # Residuals steer the loop; they are not differentiated (sqrt has no derivative at 0).
-        res = jax.lax.stop_gradient(row_norm(fx_new - x_new))
-        nf = jax.lax.stop_gradient(row_norm(fx_new))
+        res, nf = jax.lax.stop_gradient(row_norms(fx_new - x_new, fx_new))
         conv, div, bad = verdict(res, nf)
         upd = c.active & ~bad & ~div
         conv = upd & conv

@@ -62,15 +62,8 @@ def make_packer(z0, batch_axis: Optional[int]) -> Packer:
     return Packer(treedef, shapes, dtypes, batch, compute_dtype(dtypes))
 
 
-def row_norm(x: jax.Array) -> jax.Array:
-    """l2 norm of each row of a `(B, n)` array, free of overflow and underflow.
-
-    The squares are summed after dividing by the row's largest magnitude, so the norm of a row of
-    finite numbers is finite (up to the dtype's largest value) however large or small they are:
-    `||(1e30, 1e30)||` in float32 is `1.4e30`, not `inf`. A row holding NaN or inf gets a NaN or
-    inf norm. Where every entry is zero the norm is 0, and its derivative there is taken as 0.
-    """
-    x = jnp.asarray(x)
+def _scaled_row_norm(x: jax.Array) -> jax.Array:
+    """`row_norm` by scaling each row by a power of two near its largest magnitude (slow path)."""
     info = jnp.finfo(x.dtype)
     m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=1))
     ok = (m > 0) & jnp.isfinite(m)
@@ -85,6 +78,40 @@ def row_norm(x: jax.Array) -> jax.Array:
     norm = jnp.minimum(norm, info.max)
     # A row with a NaN or inf entry has m = NaN or inf: that is its norm, as it should be.
     return jnp.where(ok | (m == 0), norm, m)
+
+
+def row_norm(x: jax.Array) -> jax.Array:
+    """l2 norm of each row of a `(B, n)` array, free of overflow and underflow.
+
+    The norm of a row of finite numbers is finite (up to the dtype's largest value) however
+    large or small they are: `||(1e30, 1e30)||` in float32 is `1.4e30`, not `inf`. A row holding
+    NaN or inf gets a NaN or inf norm; an all-zero row has norm 0 and derivative 0.
+
+    The plain sum of squares is used where it is safe (one fused reduction, the usual case);
+    only when some row's sum overflowed or fell into the range where squares lose precision
+    are the rows recomputed by scaling them by a power of two (`lax.cond`, so the usual
+    path costs nothing more). `row_norms` does several arrays under one condition.
+    """
+    return row_norms(x)[0]
+
+
+def row_norms(*xs: jax.Array) -> tuple:
+    """`row_norm` of each argument, with one `lax.cond` for the slow path of all of them."""
+    xs = [jnp.asarray(x) for x in xs]
+    sums, unsafe, plain = [], [], []
+    for x in xs:
+        info = jnp.finfo(x.dtype)
+        s = jnp.sum(jnp.square(x), axis=1)
+        # Squares of magnitudes below sqrt(tiny) underflow (to zero, on a CPU that flushes
+        # subnormals): redo every row whose sum is that small, exact zeros included, or overflowed.
+        unsafe.append(~(s < info.max) | (s < float(info.tiny) ** 0.5))
+        plain.append(jnp.where(s > 0, jnp.sqrt(jnp.where(s > 0, s, 1.0)), jnp.where(jnp.isnan(s), s, 0.0)))
+    any_unsafe = jnp.any(jnp.stack([jnp.any(u) for u in unsafe]))
+
+    def slow():
+        return tuple(jnp.where(u, _scaled_row_norm(x), p) for x, u, p in zip(xs, unsafe, plain))
+
+    return jax.lax.cond(any_unsafe, slow, lambda: tuple(plain))
 
 
 def where_rows(mask: jax.Array, new, old):
