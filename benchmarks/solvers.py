@@ -119,6 +119,19 @@ inside compiled loops (``anderson_breakdown``) to show where its per-step time g
 
 from __future__ import annotations
 
+from benchmarks import _common as C
+
+NAME = "solvers"
+
+
+def parse_args(argv=None):
+    """The command line; it needs no JAX, so ``--help`` answers before the imports below."""
+    return C.make_parser(__doc__.splitlines()[0], name=NAME).parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
+
 import os
 import subprocess
 import sys
@@ -129,10 +142,6 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-
-from benchmarks import _common as C
-
-NAME = "solvers"
 TOL = 1e-4
 MAX_STEPS = 500
 CONTRACTIVE, HARD = "contractive", "hard"
@@ -1123,8 +1132,7 @@ def plot(results, out_dir) -> Any:
 
 
 def main(argv=None) -> dict[str, Any]:
-    parser = C.make_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     prof = args.profile
     hidden, batch, inp = C.pick(prof, smoke=(16, 4, 8), quick=(256, 64, 128), full=(256, 64, 128))
