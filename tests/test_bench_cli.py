@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks import _common as C
 
-BENCHMARKS = ("deq_vs_explicit", "memory", "inference", "test_time_compute", "backward",
+BENCHMARKS = ("deq_vs_explicit", "memory", "inference", "test_time_compute", "backward", "solvers",
               "mondeq_digits")
 
 #: Modules whose import makes ``--help`` slow (JAX alone takes seconds).
@@ -82,7 +82,7 @@ def test_benchmark_mains_use_the_shared_default():
     """Each benchmark's own parser (with its extra arguments) keeps the shared default."""
     import importlib
 
-    for name in ("deq_vs_explicit", "memory", "inference", "test_time_compute", "backward", "mondeq_digits"):
+    for name in BENCHMARKS:
         module = importlib.import_module(f"benchmarks.{name}")
         args = module.parse_args(["--profile", "smoke"])
         assert args.out == C.default_out(name), name
