@@ -10,6 +10,7 @@ Solving
         the one entry point: returns a Solution; composes with jit, vmap and grad.
 Solvers (forward; every one takes rtol, atol, max_steps)
     Anderson, Broyden, FixedPointIteration  -- type-II Anderson, limited-memory Broyden, damped iteration
+    ReversibleIteration(damping=0.5)        -- the reversible coupled iteration (pairs with Reversible)
     Fallback(solvers=(...))                 -- per-sample hand-over to the next solver on trouble
     JaxoptSolver(jaxopt_cls, ...)           -- any jaxopt fixed-point solver inside fixed_point
     GMRES                                   -- a Krylov solver for IFT's linear adjoint system
@@ -18,6 +19,7 @@ Backward strategies (how a solve is differentiated)
     IFT(solver=None)       -- implicit function theorem: one adjoint solve, memory independent of steps
     PhantomGrad, JFB       -- phantom gradient (Geng et al. 2021), Jacobian-free backprop (Fung et al. 2022)
     Unrolled               -- backprop through every solver step: the reference
+    Reversible             -- exact gradient of ReversibleIteration by reversing its steps (McCallum et al. 2025)
     AbstractBackward       -- the base class
 What a solve returns
     Solution(value, stats)  -- the lowest-residual iterate and its Stats
@@ -59,12 +61,14 @@ from .backward import AbstractBackward as AbstractBackward
 from .backward import NonConvergenceWarning as NonConvergenceWarning
 from .backward import PhantomGrad as PhantomGrad
 from .backward import Unrolled as Unrolled
+from .backward import Reversible as Reversible
 from .solvers import GMRES as GMRES
 from .solvers import AbstractSolver as AbstractSolver
 from .solvers import Best as Best
 from .solvers import Anderson as Anderson
 from .solvers import Broyden as Broyden
 from .solvers import FixedPointIteration as FixedPointIteration
+from .solvers import ReversibleIteration as ReversibleIteration
 from .solvers.fallback import Fallback as Fallback
 from .interop import JaxoptSolver as JaxoptSolver
 from .regularize import correction_loss as correction_loss

@@ -38,7 +38,7 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch=Fals
     if not isinstance(backward, AbstractBackward):
         raise TypeError(
             f"fixed_point: `backward` must be a deq backward strategy (deq.IFT(), deq.PhantomGrad(), "
-            f"deq.JFB() or deq.Unrolled()), got {backward!r}."
+            f"deq.JFB(), deq.Unrolled() or deq.Reversible()), got {backward!r}."
         )
     if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
         raise ValueError(

@@ -6,3 +6,4 @@ from .approximate import JFB as JFB
 from .approximate import PhantomGrad as PhantomGrad
 from .approximate import Unrolled as Unrolled
 from .ift import IFT as IFT
+from .reversible import Reversible as Reversible
