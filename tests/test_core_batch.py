@@ -77,7 +77,7 @@ def test_converged_samples_stop_changing(cell, name):
     np.testing.assert_allclose(np.asarray(batched.value[easy]), np.asarray(alone.value), rtol=0, atol=1e-14)
     # ... and the residual is that of step steps[easy]: had the row kept iterating for the
     # steps[hard] - steps[easy] further steps, it would be orders of magnitude smaller.
-    assert steps[hard] - steps[easy] >= 3
+    assert steps[hard] - steps[easy] >= 2
     assert float(batched.stats.residual_norm[easy]) == pytest.approx(float(alone.stats.residual_norm), rel=1e-3)
 
 
