@@ -6,7 +6,7 @@ calling callback: Traceback ...") and JAX logs the traceback on stderr a second 
 raises its own failures (`throw=True`, a `NonConvergenceWarning` turned into an error, the batch
 contract check) as `SolveError`, remembers them, keeps JAX from logging them, and turns the
 runtime error back into the `SolveError` wherever it can see the call: `deq.fixed_point`,
-`deq.nn.DEQ` and `deq.linen.DEQ` called outside a trace, and any code wrapped in
+`deq.nn.DEQ`, `deq.linen.DEQ` and `deq.train.fit` called outside a trace, and any code wrapped in
 `deq.clean_errors`.
 """
 

@@ -17,9 +17,13 @@ What is recorded per training step: `loss` (cross-entropy), `accuracy`, `grad_no
 compilation), `aux_loss` when an extra loss is active, and every entry of the model's `info`
 (forward solver steps, final residual, ...; an entry named like one of these fields is recorded
 as `model_<name>`), and `skipped` (1.0 when the step's update was not applied because it was
-non-finite, see below). Backward (adjoint) solver statistics are recorded
-only if the model puts them in `info` (e.g. as `backward_steps`): the core's implicit-function
-backward runs inside a custom VJP and returns no statistics, so there is nothing else to record.
+non-finite, see below). Beside the forward statistics, the adjoint (backward) solve of every
+`deq.nn.DEQ` layer differentiated by `deq.IFT` is recorded: `backward_steps` (mean adjoint
+steps over the batch), `backward_residual` (largest `||J^T u + g - u||`), `backward_converged_frac`
+and `backward_result` (largest `deq.RESULTS` code). They come from the gradient of the layers'
+`deq.nn.BackwardProbe` variables, which `fit` adds for the run (`deq.nn.enable_backward_stats`)
+and removes at the end; `train_step` differentiates them with the parameters and returns them
+apart, so the optimizer, the gradient norm and clipping see the parameters' gradient only.
 
 Nothing goes on silently with bad data. Before the first step `fit` checks both splits: inputs
 must be finite (the first bad sample is named) and targets integer class indices in
@@ -35,6 +39,11 @@ Checkpoints that cannot be read (truncated or missing files) are reported with t
 resumes from the newest intact one with a warning (the unreadable newer ones are renamed
 `<step>.corrupt` so the run can write those steps again), and raises `CheckpointError` when none
 can be read. A `checkpoint_dir` that is a file or is not writable fails before the first step.
+Checkpoints hold the model's state without its `BackwardProbe` variables (always zero), so they
+read the same with or without the probes, and checkpoints written before the probes existed resume.
+
+A solve with `throw=True` that fails inside `fit` (or a `deq.NonConvergenceWarning` turned into
+an error) arrives as one `deq.SolveError`, as outside `jax.jit` (see `deq.clean_errors`).
 """
 
 from __future__ import annotations
@@ -62,7 +71,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deq._errors import clean_errors
+from deq.backward import IFT
 from deq.data import iterate_batches, num_batches
+from deq.nn._layer import DEQ, BackwardProbe, backward_stats, enable_backward_stats
 
 __all__ = [
     "CheckpointError",
@@ -86,10 +98,12 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
+# The adjoint statistics of a training step (see `_backward_metrics`).
+_BACKWARD_KEYS = ("backward_steps", "backward_residual", "backward_converged_frac", "backward_result")
 # Record keys set by the trainer; a model info entry with one of these names gets a "model_" prefix.
 _RESERVED = frozenset({
     "kind", "step", "epoch", "loss", "accuracy", "grad_norm", "aux_loss", "lr", "step_time",
-    "eval_time", "loss_sum", "correct_sum", "count", "skipped",
+    "eval_time", "loss_sum", "correct_sum", "count", "skipped", *_BACKWARD_KEYS,
 })
 # Config fields that change the trajectory: a resumed run must use the same values.
 _TRAJECTORY_FIELDS = (
@@ -186,6 +200,11 @@ class TrainConfig:
         naming the step. True: skip that update and go on; the step's record has `skipped=1.0`
         and `History.skipped_steps` counts them. It does not change the steps already taken,
         so a run stopped by the error may be resumed with it switched on.
+      backward_stats: record the adjoint statistics of the model's `deq.nn.DEQ` layers with an
+        IFT backward (`backward_steps`, ...) at every step. True (default): `fit` gives those
+        layers `deq.nn.BackwardProbe` variables for the run, unless the model holds probes
+        already. False: the model is left as it is (probes it holds still report). The
+        parameters are the same either way.
 
     Example:
       >>> from deq.train import TrainConfig
@@ -212,6 +231,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     skip_nonfinite: bool = False
+    backward_stats: bool = True
 
     def __post_init__(self) -> None:
         _check_number("learning_rate", self.learning_rate, minimum=0.0, strict=True)
@@ -240,7 +260,7 @@ class TrainConfig:
             _check_warmup(self.warmup_steps, self.total_steps)
         if self.epochs is not None:
             _check_int("epochs", self.epochs, minimum=1)
-        for name in ("progress", "tensorboard", "skip_nonfinite"):
+        for name in ("progress", "tensorboard", "skip_nonfinite", "backward_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig: {name} must be a bool, got {getattr(self, name)!r}.")
         if self.tensorboard and self.log_dir is None:
@@ -490,10 +510,21 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
     may be infinite on purpose (a `-inf` mask), and Adam's moments are finite when the gradient
     norm is.
 
+    When the model holds `deq.nn.BackwardProbe` variables (`deq.nn.enable_backward_stats`;
+    `fit` adds them), the loss is differentiated with respect to them too, and their gradient,
+    the adjoint statistics, is split off before the update: the optimizer, `grad_norm` and the
+    finiteness test see the parameters' gradient only, and the probes stay zero.
+
     Returns:
       Dict of scalar arrays: `loss` (cross-entropy), `accuracy`, `grad_norm`, `skipped` (1.0
-      when the update was not applied, else 0.0), `aux_loss` (when active) and the mean of each
-      entry of the model's `info`.
+      when the update was not applied, else 0.0), `aux_loss` (when active), the mean of each
+      entry of the model's `info`, and with probes the adjoint statistics of the `deq.nn.DEQ`
+      layers differentiated by `deq.IFT`: `backward_steps` (mean adjoint steps over the batch),
+      `backward_residual` (largest adjoint residual `||J^T u + g - u||`),
+      `backward_converged_frac` (fraction of samples converged) and `backward_result` (largest
+      `deq.RESULTS` code); over several such layers the mean steps, the largest residual, the
+      smallest fraction and the largest code. A layer called twice in one loss reports the sum
+      of its two solves' figures (see `deq.nn.BackwardProbe`).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -511,8 +542,13 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
       ['accuracy', 'grad_norm', 'loss', 'skipped']
     """
     before = _pure_state(model), _pure_state(optimizer)
-    grad_fn = nnx.value_and_grad(_loss, has_aux=True)
+    probed = _has_probes(model)
+    wrt = nnx.Any(nnx.Param, BackwardProbe) if probed else nnx.Param
+    grad_fn = nnx.value_and_grad(_loss, has_aux=True, argnums=nnx.DiffState(0, wrt))
     (total, metrics), grads = grad_fn(model, x, y, key, aux_loss_fn, aux_weight)
+    if probed:  # the probes' "gradient" is the adjoint's statistics: never an update
+        probes, grads = nnx.split_state(grads, BackwardProbe, ...)
+        metrics.update(_backward_metrics(model, probes))
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     # Only the new parameters are scanned: with a finite gradient norm Adam's moments are finite,
@@ -527,6 +563,33 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
     return metrics
 
 
+def _has_probes(model) -> bool:
+    return bool(jax.tree.leaves(nnx.state(model, BackwardProbe)))
+
+
+def _adjoint_layers(model) -> dict[tuple, DEQ]:
+    """The `deq.nn.DEQ` layers of `model` whose backward solves an adjoint system (`deq.IFT`),
+    by path; the other strategies leave their probe at zero, which would read as unconverged."""
+    return {tuple(path): m for path, m in nnx.iter_modules(model)
+            if isinstance(m, DEQ) and isinstance(m.backward, IFT)}
+
+
+def _backward_metrics(model, probes) -> dict[str, jax.Array]:
+    """The record entries `_BACKWARD_KEYS` from the probes' gradient (nothing without a layer)."""
+    layers = _adjoint_layers(model)
+    stats = [s for path, s in backward_stats(probes).items() if path[:-1] in layers]
+    if not stats:
+        return {}
+
+    def over_layers(reduce, field):
+        return reduce(jnp.stack([jnp.asarray(getattr(s, field), jnp.float32) for s in stats]))
+
+    return dict(zip(_BACKWARD_KEYS, (
+        over_layers(jnp.mean, "num_steps"), over_layers(jnp.max, "residual_norm"),
+        over_layers(jnp.min, "converged"), over_layers(jnp.max, "result"),
+    )))
+
+
 def _is_float(a: Any) -> bool:
     return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)
 
@@ -537,12 +600,12 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-def _pure_state(obj: Any) -> dict:
-    return nnx.to_pure_dict(nnx.state(obj))
+def _pure_state(obj: Any, *filters) -> dict:
+    return nnx.to_pure_dict(nnx.state(obj, *filters))
 
 
-def _set_pure_state(obj: Any, values: dict) -> None:
-    state = nnx.state(obj)
+def _set_pure_state(obj: Any, values: dict, *filters) -> None:
+    state = nnx.state(obj, *filters)
     nnx.replace_by_pure_dict(state, values)
     nnx.update(obj, state)
 
@@ -827,7 +890,9 @@ class History:
 
     Attributes:
       train: records `{"kind": "train", "step", "epoch", "loss", "accuracy", "grad_norm",
-        "skipped", "lr", "step_time", **info}`; `step` counts optimizer updates from 1.
+        "skipped", "lr", "step_time", **info}`, plus the adjoint statistics `backward_steps`,
+        `backward_residual`, `backward_converged_frac`, `backward_result` for DEQs (see
+        `train_step`); `step` counts optimizer updates from 1.
       eval: records `{"kind": "eval", "step", "epoch", "loss", "accuracy", "eval_time", **info}`
         on the test split.
       start_step: the step this `fit` call started from (> 0 when it resumed a checkpoint).
@@ -963,12 +1028,17 @@ def _target(state: nnx.State) -> dict:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(state))
 
 
+# What a checkpoint holds of an object: all its state but the backward probes (always zero, and
+# present only while `fit` runs), so checkpoints read the same with and without them.
+_CHECKPOINTED = nnx.Not(BackwardProbe)
+
+
 def _load_into(obj: Any, saved: dict) -> None:
     restored = jax.tree.map(
         lambda t, s: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else s,
-        _pure_state(obj), saved,
+        _pure_state(obj, _CHECKPOINTED), saved,
     )
-    _set_pure_state(obj, restored)
+    _set_pure_state(obj, restored, _CHECKPOINTED)
 
 
 def _checkpoint_path(checkpoint_dir: str | Path) -> Path:
@@ -1011,8 +1081,8 @@ def _save(manager, step: int, model, optimizer, meta: dict) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_to_saveable(nnx.state(model))),
-            optimizer=ocp.args.StandardSave(_to_saveable(nnx.state(optimizer))),
+            model=ocp.args.StandardSave(_to_saveable(nnx.state(model, _CHECKPOINTED))),
+            optimizer=ocp.args.StandardSave(_to_saveable(nnx.state(optimizer, _CHECKPOINTED))),
             meta=ocp.args.JsonSave(meta),
         ),
     )
@@ -1149,9 +1219,9 @@ def _read(manager, step: int, model, optimizer, *,
     import orbax.checkpoint as ocp
 
     step_dir = Path(manager.directory) / str(step)
-    targets = {"model": _target(nnx.state(model))}
+    targets = {"model": _target(nnx.state(model, _CHECKPOINTED))}
     if optimizer is not None:
-        targets["optimizer"] = _target(nnx.state(optimizer))
+        targets["optimizer"] = _target(nnx.state(optimizer, _CHECKPOINTED))
     try:  # orbax and tensorstore raise many types for damaged files: diagnosed by _diagnose
         meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:  # noqa: BLE001
@@ -1436,10 +1506,15 @@ def fit(
     in epoch, history) are saved every `checkpoint_every` steps and at the end; a later `fit`
     with the same config resumes from the latest checkpoint and reproduces the uninterrupted
     run exactly (same batches, same keys, same parameters, same records apart from timings).
+    Every train record holds the step's forward statistics (the model's `info`) and, for models
+    with `deq.nn.DEQ` layers differentiated by `deq.IFT`, the adjoint's beside them
+    (`backward_steps`, `backward_residual`, `backward_converged_frac`, `backward_result`; see
+    `train_step` and `TrainConfig.backward_stats`). A solve with `throw=True` that fails
+    raises one `deq.SolveError`.
 
     Args:
       model: `nnx.Module` with `model(x) -> (logits, info)`; trained in place and left in
-        train mode.
+        train mode, with the same variables as given.
       dataset: object with `x_train`, `y_train`, `x_test`, `y_test` arrays (a `deq.data.Dataset`).
       config: a `TrainConfig`.
       callbacks: callables `callback(record) -> bool | None` called with every train and eval
@@ -1498,14 +1573,19 @@ def fit(
     started = time.perf_counter()
     lrs = _lr_table(config.learning_rate, config.warmup_steps, total)
     optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps=total), wrt=nnx.Param)
-    replicate(model, mesh)
-    replicate(optimizer, mesh)
     base_key = jax.random.key(config.seed)
 
     history, start = History(), 0
-    manager = None if checkpoint_path is None else _open_manager(checkpoint_path, config)
-    logger = bar = None
+    manager = logger = bar = None
+    # The adjoint statistics: probes for the run, removed at the end (the model's state is then
+    # as it was given); a model that holds probes already keeps them.
+    add_probes = config.backward_stats and not _has_probes(model) and bool(_adjoint_layers(model))
     try:
+        if add_probes:
+            enable_backward_stats(model)
+        replicate(model, mesh)
+        replicate(optimizer, mesh)
+        manager = None if checkpoint_path is None else _open_manager(checkpoint_path, config)
         meta = None
         if manager is not None and resume:
             meta = _restore_newest(manager, model, optimizer, set_aside=True,
@@ -1528,7 +1608,8 @@ def fit(
             t0 = time.perf_counter()
             model.eval()
             try:
-                result = evaluate(model, x_test, y_test, eval_batch_size, mesh=mesh)
+                with clean_errors():
+                    result = evaluate(model, x_test, y_test, eval_batch_size, mesh=mesh)
             finally:
                 model.train()
             record = {"kind": "eval", "step": step, "epoch": epoch, **result,
@@ -1544,9 +1625,10 @@ def fit(
             xb, yb = shard_batch((xb, yb), mesh)
             key = None if aux is None else jax.random.fold_in(base_key, index)
             t0 = time.perf_counter()
-            metrics = jax.block_until_ready(
-                step_fn(xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)
-            )
+            with clean_errors():  # a failed solve with throw=True: one deq.SolveError
+                metrics = jax.block_until_ready(
+                    step_fn(xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)
+                )
             step_time = time.perf_counter() - t0
             step = index + 1
             record = _train_record(step, epoch, metrics, lrs[index], step_time)
@@ -1575,5 +1657,7 @@ def fit(
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
+        if add_probes:
+            enable_backward_stats(model, enable=False)
     history.run_time = time.perf_counter() - started
     return history

@@ -59,8 +59,8 @@ class BackwardProbe(nnx.Variable):
     nnx.DiffState(0, nnx.Any(nnx.Param, deq.nn.BackwardProbe)))`) gives, in its place in the
     gradient state, `[mean adjoint steps, largest adjoint residual, fraction converged, largest
     result code]` over the batch (summed if the layer is called several times in one loss).
-    `deq.nn.backward_stats(grads)` reads them as `deq.BackwardStats` (`deq.train.fit` does not
-    record them yet). The value is never updated by an optimizer (it is not an `nnx.Param`).
+    `deq.nn.backward_stats(grads)` reads them as `deq.BackwardStats`; `deq.train.fit` records
+    them at every step. The value is never updated by an optimizer (it is not an `nnx.Param`).
     """
 
 
@@ -101,7 +101,7 @@ def enable_backward_stats(model, enable: bool = True) -> int:
 
     With a probe, each layer passes it as `backward_stats` to its solve, so the gradient with
     respect to `deq.nn.BackwardProbe` variables holds every layer's adjoint statistics (read
-    them with `deq.nn.backward_stats`).
+    them with `deq.nn.backward_stats`). `deq.train.fit` enables them for the run.
 
     Args:
       model: an `nnx.Module` containing `deq.nn.DEQ` layers (or one itself).
@@ -110,7 +110,7 @@ def enable_backward_stats(model, enable: bool = True) -> int:
     Returns:
       The number of `deq.nn.DEQ` layers found.
     """
-    layers = [m for _, m in model.iter_modules() if isinstance(m, DEQ)]
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, DEQ)]
     for layer in layers:
         has = isinstance(getattr(layer, "backward_probe", None), BackwardProbe)
         if enable and not has:
@@ -510,7 +510,7 @@ class DEQ(nnx.Module):
       solver: per-call solver override.
       backward_stats: a `deq.BackwardStats.probe(...)` to receive this call's adjoint
         statistics as its cotangent; None uses the layer's `backward_probe` variable if
-        `deq.nn.enable_backward_stats` gave it one (batch aggregates).
+        `deq.nn.enable_backward_stats` gave it one (batch aggregates; `deq.train.fit` does).
 
     Returns:
       `z*` shaped like the state, or a `deq.Solution` when `return_solution=True` (stats per
