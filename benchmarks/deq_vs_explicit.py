@@ -63,17 +63,18 @@ apart as ``compile_s``; evaluation is not counted); forward solver steps per tra
 ``info``) and in evaluation; backward (adjoint) solver steps per training step.
 
 Model selection: the accuracies in the table are the final epoch's, and beside them the
-accuracy at the epoch that early stopping would pick, chosen for every model alike on a
+accuracies at the epochs that early stopping would pick, chosen for every model alike on a
 validation split that is not trained on: on MNIST-1D its 2,000 fresh validation signals
 (generator seed 1, `MNIST1D_VALIDATION`, the same as ``--split validation``'s), evaluated after
-every epoch; the epoch of the highest validation accuracy (the first such) is taken, and the
-test split's and the large test set's accuracies at that epoch are reported
-(``early_stop_epoch``, ``early_stop_accuracy``, ``early_stop_large_test_accuracy``; the model is
-copied at that epoch for the large test set). The other datasets have no validation split apart
-from the training data in a test run (theirs is a held-out part of the training split), so they
-have no early-stopping figure. Also recorded for every dataset, clearly not a selection: the
-best test-split accuracy over the epochs (``best_test_accuracy``, ``best_test_epoch``), an
-optimistic upper bound picked on the test split itself.
+every epoch. Two criteria (`EARLY_STOPPING`): the epoch of the highest validation accuracy
+(``val_acc``) and that of the lowest validation loss (``val_loss``), the first such in either
+case; the test split's and the large test set's accuracies at that epoch are reported
+(``early_stop_<criterion>_epoch``, ``_accuracy``, ``_large_test_accuracy``; the model is copied
+at that epoch for the large test set). The other datasets have no validation split apart from
+the training data in a test run (theirs is a held-out part of the training split), so they have
+no early-stopping figure. Also recorded for every dataset, clearly not a selection: the best
+test-split accuracy over the epochs (``best_test_accuracy``, ``best_test_epoch``), an optimistic
+upper bound picked on the test split itself.
 
 MNIST-1D's test split has 800 signals, so one model's test accuracy has a sampling standard
 error of about 1.7 points -- more than the 1-point target. Every MNIST-1D model is therefore
@@ -644,9 +645,14 @@ def _evaluate_eval_mode(model, x, y, batch_size: int = 1000) -> dict[str, float]
         model.train()
 
 
-def first_best(values: list[float]) -> int:
-    """Index of the first largest value."""
-    return int(np.argmax(np.asarray(values, dtype=np.float64)))
+def first_best(values: list[float], higher: bool = True) -> int:
+    """Index of the first largest (``higher``) or smallest value."""
+    v = np.asarray(values, dtype=np.float64)
+    return int(np.argmax(v) if higher else np.argmin(v))
+
+
+#: Early-stopping criteria: the validation statistic each watches, and whether higher is better.
+EARLY_STOPPING = {"val_acc": ("accuracy", True), "val_loss": ("loss", False)}
 
 
 def run_one(kind: str, ds, st: dict[str, Any], seed: int, *, probe_backward: bool = True,
@@ -659,16 +665,17 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *, probe_backward: boo
     the compile time. ``probe_backward=False`` runs ``fit`` without its adjoint statistics
     (``TrainConfig(backward_stats=False)``; the backward figures are then None).
     ``validation`` (``(x, y)``, see `validation_set`) is evaluated after every epoch, and the
-    epoch of its highest accuracy is the early-stopping epoch (``early_stop_*``). ``large_test``
+    epochs of its highest accuracy and lowest loss are the early-stopping epochs
+    (``early_stop_val_acc_*``, ``early_stop_val_loss_*``, see `EARLY_STOPPING`). ``large_test``
     (``(x, y)``, see `large_test_set`) is evaluated once after training, in eval mode:
     ``large_test_accuracy`` / ``large_test_loss`` (and the DEQs' forward steps and converged
-    fraction there), and on the model as it was at the early-stopping epoch.
+    fraction there), and on the model as it was at each early-stopping epoch.
     """
     model = build_model(kind, ds, st, seed)
     cfg = train_config(st, ds, seed, kind, backward_stats=probe_backward)
     is_deq = kind in DEQ_MODELS
     val_curve: list[dict[str, float]] = []
-    early = {}  # the model at the best validation epoch so far
+    early = {}  # criterion -> the model at its best validation epoch so far
     cpu_steps: list[float] = []
     last_end = [0.0]
 
@@ -678,8 +685,9 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *, probe_backward: boo
             cpu_steps.append(now - last_end[0])
         elif validation is not None:
             val_curve.append(_evaluate_eval_mode(model, *validation))
-            if first_best([v["accuracy"] for v in val_curve]) == len(val_curve) - 1:
-                early["model"] = nnx.clone(model)
+            for crit, (key, higher) in EARLY_STOPPING.items():
+                if first_best([v[key] for v in val_curve], higher) == len(val_curve) - 1:
+                    early[crit] = nnx.clone(model)
         last_end[0] = time.process_time()
         return None
 
@@ -688,11 +696,10 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *, probe_backward: boo
         last_end[0] = time.process_time()
         hist = fit(model, ds, cfg, callbacks=[on_record],
                    aux_loss_fn=jacobian_aux_loss if kind in JR_MODELS else None)
-    large = large_early = None
+    large, large_early = None, {}
     if large_test is not None:
         large = _evaluate_eval_mode(model, *large_test)
-        if "model" in early:
-            large_early = _evaluate_eval_mode(early["model"], *large_test)
+        large_early = {crit: _evaluate_eval_mode(m, *large_test) for crit, m in early.items()}
     nonconv_forward = sum(1 for w in caught if "backward" not in str(w.message)
                           and issubclass(w.category, deq.NonConvergenceWarning))
 
@@ -745,14 +752,15 @@ def run_one(kind: str, ds, st: dict[str, Any], seed: int, *, probe_backward: boo
     rec["best_test_epoch"] = rec["epoch"][best]  # chosen on the test split: a bound, not a result
     rec["best_test_accuracy"] = rec["test_accuracy"][best]
     if val_curve:
-        stop = first_best([v["accuracy"] for v in val_curve])
         rec["validation_accuracy"] = [v["accuracy"] for v in val_curve]
         rec["validation_loss"] = [v["loss"] for v in val_curve]
-        rec["early_stop_epoch"] = rec["epoch"][stop]
-        rec["early_stop_accuracy"] = rec["test_accuracy"][stop]
-        rec["early_stop_loss"] = rec["test_loss"][stop]
-        if large_early is not None:
-            rec["early_stop_large_test_accuracy"] = large_early["accuracy"]
+        for crit, (key, higher) in EARLY_STOPPING.items():
+            stop = first_best([v[key] for v in val_curve], higher)
+            rec[f"early_stop_{crit}_epoch"] = rec["epoch"][stop]
+            rec[f"early_stop_{crit}_accuracy"] = rec["test_accuracy"][stop]
+            rec[f"early_stop_{crit}_test_loss"] = rec["test_loss"][stop]
+            if crit in large_early:
+                rec[f"early_stop_{crit}_large_test_accuracy"] = large_early[crit]["accuracy"]
     acc_target = st["target_accuracy"]
     t_hit = first_crossing(rec["train_time_s"], rec["test_accuracy"], acc_target)
     e_hit = first_crossing(rec["epoch"], rec["test_accuracy"], acc_target)
@@ -798,9 +806,8 @@ def summarize(kind: str, runs: list[dict[str, Any]], st: dict[str, Any]) -> dict
         "final_accuracy": _stats([r["final_accuracy"] for r in runs]),
         "final_loss": _stats([r["final_loss"] for r in runs]),
         "large_test_accuracy": _stats([r.get("large_test_accuracy") for r in runs]),
-        "early_stop_epoch": _stats([r.get("early_stop_epoch") for r in runs]),
-        "early_stop_accuracy": _stats([r.get("early_stop_accuracy") for r in runs]),
-        "early_stop_large_test_accuracy": _stats([r.get("early_stop_large_test_accuracy") for r in runs]),
+        **{f"early_stop_{crit}_{key}": _stats([r.get(f"early_stop_{crit}_{key}") for r in runs])
+           for crit in EARLY_STOPPING for key in ("epoch", "accuracy", "large_test_accuracy")},
         "best_test_epoch": _stats([r.get("best_test_epoch") for r in runs]),
         "best_test_accuracy": _stats([r.get("best_test_accuracy") for r in runs]),
         "time_to_target_s": _stats([r["time_to_target_s"] for r in runs]),
@@ -944,6 +951,15 @@ _ACCURACY_KEYS = ("final_accuracy", "large_test_accuracy")
 def _mean(agg: dict[str, Any], key: str) -> float | None:
     """Mean over seeds of one accuracy of a model's summary (None where not measured)."""
     return agg.get(key, {}).get("mean")
+
+
+def _early_stopped(agg: dict[str, Any], crit: str) -> str:
+    """``"test% ± sd / large% ± sd (ep E)"`` at the epochs early stopping on ``crit`` picks, or ``-``."""
+    pre = f"early_stop_{crit}"
+    if _mean(agg, f"{pre}_accuracy") is None:
+        return "-"
+    return (f"{_pm(agg, f'{pre}_accuracy')} / {_pm(agg, f'{pre}_large_test_accuracy')} "
+            f"(ep {agg[f'{pre}_epoch']['mean']:.1f})")
 
 
 def _pm(agg: dict[str, Any], key: str) -> str:
@@ -1245,9 +1261,7 @@ def main(argv=None) -> dict[str, Any]:
                 "acc": _pm(agg, "final_accuracy"),
                 "range": f"{acc['min']:.1%}-{acc['max']:.1%}",
                 "large": _pm(agg, "large_test_accuracy"),
-                "early": "-" if _mean(agg, "early_stop_accuracy") is None else
-                f"{_pm(agg, 'early_stop_accuracy')} (ep {agg['early_stop_epoch']['mean']:.1f})",
-                "early_large": _pm(agg, "early_stop_large_test_accuracy"),
+                **{f"early_{crit}": _early_stopped(agg, crit) for crit in EARLY_STOPPING},
                 "best": "-" if _mean(agg, "best_test_accuracy") is None else
                 f"{_pm(agg, 'best_test_accuracy')} (ep {agg['best_test_epoch']['mean']:.1f})",
                 "loss": agg["final_loss"]["mean"],
@@ -1266,8 +1280,8 @@ def main(argv=None) -> dict[str, Any]:
     table = C.print_table(rows, [
         "dataset", "model", "params", ("acc", f"{args.split} acc (mean ± sd, pts)"), ("range", "min-max"),
         *([("large", "large test set acc")] if any(r["large"] != "-" for r in rows) else []),
-        *([("early", f"early-stopped {args.split} acc (val. epoch)")] if any(r["early"] != "-" for r in rows) else []),
-        *([("early_large", "early-stopped large test acc")] if any(r["early_large"] != "-" for r in rows) else []),
+        *[(f"early_{crit}", f"early-stopped on val. {key}: {args.split} / large acc (epoch)")
+          for crit, (key, _) in EARLY_STOPPING.items() if any(r[f"early_{crit}"] != "-" for r in rows)],
         ("best", f"best-{args.split}-epoch acc (not a selection)"),
         ("loss", f"{args.split} loss"), ("ttt", "wall s to target (reached)"), ("ttt_cpu", "CPU s to target"),
         ("step_ms", "step ms (median)"), ("step_cpu_ms", "step CPU ms"),
