@@ -121,7 +121,7 @@ def _steps(p, solver):
     return st.num_steps, st.converged
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([1, 2, 8]), norm=st.floats(0.05, 0.97),
        kind=st.sampled_from([0, 1, 2]), dtype=st.sampled_from(["float32", "float64"]),
        m=st.sampled_from([1, 2, 5]))
@@ -132,8 +132,9 @@ def test_never_more_than_one_step_slower_than_plain_iteration(seed, n, norm, kin
     p = (jnp.asarray(A, dtype), jnp.asarray(rng.standard_normal(n), dtype), jnp.asarray(kind))
     it, it_conv = _steps(p, deq.FixedPointIteration(max_steps=300))
     aa, aa_conv = _steps(p, deq.Anderson(history_size=m, max_steps=300))
-    assert bool(it_conv) and bool(aa_conv)
-    assert int(aa) <= int(it) + 1, (int(aa), int(it))
+    assert bool(aa_conv)
+    if bool(it_conv):  # (plain iteration may need more than 300 steps at norms near 1)
+        assert int(aa) <= int(it) + 1, (int(aa), int(it))
 
 
 @pytest.mark.parametrize("solver", [deq.Broyden(rtol=1e-5, atol=0.0, max_steps=300),
