@@ -16,7 +16,7 @@ import deq
 from deq.solvers.anderson import _ldl_drop
 
 DTYPES = [jnp.float32, jnp.float64]
-HISTORY = [1, 2, 5, 12]  # 12 takes the regularized LAPACK path (above the unrolled size)
+HISTORY = [1, 5, 12]  # 12 takes the regularized LAPACK path (above the unrolled size)
 
 
 def _solve(f, z0, solver):
@@ -121,7 +121,7 @@ def _steps(p, solver):
     return st.num_steps, st.converged
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([1, 2, 8]), norm=st.floats(0.05, 0.97),
        kind=st.sampled_from([0, 1, 2]), dtype=st.sampled_from(["float32", "float64"]),
        m=st.sampled_from([1, 2, 5]))
