@@ -60,6 +60,32 @@ class _Carry(NamedTuple):
     history: jax.Array
 
 
+def make_verdict(atol, rtol, limit, scale0, rhs_norm=None):
+    """The per-sample stopping test: `verdict(res, nf) -> (converged, diverged, nonfinite)` for
+    residuals `res` and norms `nf = ||F(x)||` (see the module docstring); `scale0` is the start's
+    scale `max(||x0||, ||F(x0)||)`, `rhs_norm` the `||b||` of a linear problem (or None)."""
+    ref_cap = GROWTH_CAP * scale0
+
+    def verdict(res, nf):
+        ref = rhs_norm if rhs_norm is not None else jnp.minimum(nf, ref_cap)
+        tol = atol + rtol * ref
+        diverged = nf > limit * scale0
+        nonfinite = ~(jnp.isfinite(res) & jnp.isfinite(nf)) & ~diverged
+        conv = jnp.isfinite(tol) & jnp.isfinite(res) & (res <= tol) & ~diverged
+        return conv, diverged, nonfinite
+
+    return verdict
+
+
+def result_codes(converged, diverged, nonfinite) -> jax.Array:
+    """The `(B,)` int32 `RESULTS` code of each sample from its final flags."""
+    return jnp.select(
+        [converged, diverged, nonfinite],
+        [RESULTS.CONVERGED, RESULTS.DIVERGED, RESULTS.NONFINITE],
+        RESULTS.MAX_STEPS,
+    ).astype(jnp.int32)
+
+
 def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: bool = False,
         rhs_norm: Optional[jax.Array] = None, rtol: Optional[jax.Array] = None) -> LoopOutput:
     """Run `solver` on the packed map `F: (B, n) -> (B, n)` from `x0`.
@@ -85,19 +111,9 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     fx0 = F(x0)
     res0, nf0, n0 = jax.lax.stop_gradient(row_norms(fx0 - x0, fx0, x0))
     scale0 = jnp.maximum(n0, nf0)
-    if rhs_norm is None:
-        ref_cap = GROWTH_CAP * scale0
-    else:
+    if rhs_norm is not None:
         rhs_norm = jax.lax.stop_gradient(rhs_norm)
-
-    def verdict(res, nf):
-        """(converged, diverged, nonfinite) for residuals `res` and norms `nf = ||F(x)||`."""
-        ref = rhs_norm if rhs_norm is not None else jnp.minimum(nf, ref_cap)
-        tol = atol + rtol * ref
-        diverged = nf > limit * scale0
-        nonfinite = ~(jnp.isfinite(res) & jnp.isfinite(nf)) & ~diverged
-        conv = jnp.isfinite(tol) & jnp.isfinite(res) & (res <= tol) & ~diverged
-        return conv, diverged, nonfinite
+    verdict = make_verdict(atol, rtol, limit, scale0, rhs_norm)
 
     conv0, div0, nonfinite0 = verdict(res0, nf0)
     finite0 = ~nonfinite0 & ~div0
@@ -153,11 +169,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     else:
         carry = jax.lax.while_loop(lambda c: (c.k < max_steps) & jnp.any(c.active), body, carry)
 
-    result = jnp.select(
-        [carry.converged, carry.diverged, carry.nonfinite],
-        [RESULTS.CONVERGED, RESULTS.DIVERGED, RESULTS.NONFINITE],
-        RESULTS.MAX_STEPS,
-    ).astype(jnp.int32)
+    result = result_codes(carry.converged, carry.diverged, carry.nonfinite)
     # A sample whose start was non-finite has no finite iterate: report it as such.
     best_res = jnp.where(jnp.isfinite(carry.best_res), carry.best_res, jnp.nan)
     return LoopOutput(carry.best_x, best_res, carry.steps, carry.converged, result, carry.history, carry.best_fx)

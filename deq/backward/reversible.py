@@ -12,7 +12,6 @@ import numpy as np
 
 from .. import _loop
 from .._api import frozen
-from .._solution import RESULTS
 from .._tree import row_norms, where_rows
 from ..solvers.reversible import ReversibleIteration
 from ._base import AbstractBackward
@@ -168,8 +167,9 @@ class _Carry(NamedTuple):
 def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
     """Run `solver` on `F` from `x0` as `deq._loop.run` does, keeping what the reversal needs.
 
-    The stopping test, freezing, best-iterate rule and result codes are those of `deq._loop.run`
-    (the same expressions: `tests/test_reversible.py` checks the values and statistics agree);
+    The stopping test and result codes are `deq._loop`'s own (`make_verdict`, `result_codes`);
+    freezing and the best-iterate rule follow `deq._loop.run` (`tests/test_reversible.py` checks
+    the values and statistics agree);
     in addition it keeps `y` and the step index of the returned iterate and a copy of `(y, z)`
     after every `every`-th step (none for `every=0`). Returns `(LoopOutput, Record)`.
     """
@@ -181,14 +181,7 @@ def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
     fx0 = F(x0)
     res0, nf0, n0 = row_norms(fx0 - x0, fx0, x0)
     scale0 = jnp.maximum(n0, nf0)
-    ref_cap = _loop.GROWTH_CAP * scale0
-
-    def verdict(res, nf):
-        tol = atol + rtol * jnp.minimum(nf, ref_cap)
-        diverged = nf > limit * scale0
-        nonfinite = ~(jnp.isfinite(res) & jnp.isfinite(nf)) & ~diverged
-        conv = jnp.isfinite(tol) & jnp.isfinite(res) & (res <= tol) & ~diverged
-        return conv, diverged, nonfinite
+    verdict = _loop.make_verdict(atol, rtol, limit, scale0)
 
     conv0, div0, nonfinite0 = verdict(res0, nf0)
     finite0 = ~nonfinite0 & ~div0
@@ -235,11 +228,7 @@ def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
         )
 
     c = jax.lax.while_loop(lambda c: (c.k < max_steps) & jnp.any(c.active), body, carry)
-    result = jnp.select(
-        [c.converged, c.diverged, c.nonfinite],
-        [RESULTS.CONVERGED, RESULTS.DIVERGED, RESULTS.NONFINITE],
-        RESULTS.MAX_STEPS,
-    ).astype(jnp.int32)
+    result = _loop.result_codes(c.converged, c.diverged, c.nonfinite)
     best_res = jnp.where(jnp.isfinite(c.best_res), c.best_res, jnp.nan)
     out = _loop.LoopOutput(c.best_x, best_res, c.steps, c.converged, result, c.history, c.best_fx)
     return out, Record(c.best_y, c.best_x, c.best_step, c.ck_y, c.ck_z)
