@@ -6,11 +6,13 @@ Two tools from the DEQ literature that make equilibrium models easier to solve a
   cell's Jacobian `J = df/dz` at the fixed point, estimated without building `J` by
   Hutchinson's trick with vector-Jacobian products. A small `||J||_F` keeps the fixed-point map
   well conditioned, so forward and backward solves stay short during training.
-  (`jacobian_frobenius`, and `jacobian_penalty` for Flax NNX cells.)
+  (`jacobian_frobenius`, and `jacobian_penalty` for Flax NNX cells; `JacobianSchedule` applies
+  it every `k` training steps with a warm-up of its weight, torchdeq's `jac_loss_freq`.)
 - **Fixed-point correction** (DEQ-Flow, Bai, Geng, Satpathy & Koltun 2022): supervise a few
   intermediate iterates of the solve, each differentiated with a cheap backward strategy
   (phantom gradients by default), with weights increasing towards the final iterate.
-  (`fixed_point_correction`, `correction_loss`.)
+  (`fixed_point_correction`, `correction_loss`; the supervised steps split the budget evenly,
+  or are chosen explicitly with `steps=`, torchdeq's `indexing`.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .solvers import AbstractSolver, Anderson
 __all__ = [
     "jacobian_frobenius",
     "jacobian_penalty",
+    "JacobianSchedule",
     "fixed_point_correction",
     "correction_loss",
     "Correction",
@@ -276,6 +279,75 @@ def jacobian_penalty(cell, z_star, x, key, num_probes: int = 1, *, batch_axis: O
     return jacobian_frobenius(f, z_star, (state, x), key, num_probes, batch_axis=batch_axis)
 
 
+@dataclasses.dataclass(frozen=True)
+class JacobianSchedule:
+    r"""When, and how strongly, to apply the Jacobian penalty during training.
+
+    The weight at (0-based) training step `s` is
+
+    .. math::
+        \gamma(s) = \begin{cases}
+          \gamma \cdot \min\!\big(1, \tfrac{s - s_0 + 1}{R}\big)
+            & s \ge s_0 \text{ and } (s - s_0) \bmod k = 0, \\
+          0 & \text{otherwise,}
+        \end{cases}
+
+    with `gamma = weight`, `k = every`, `s_0 = start_step` and `R = ramp_steps` (no ramp when
+    `R = 0`). Applying the penalty on one step in `k` (torchdeq's `jac_loss_freq`, Bai, Koltun &
+    Kolter 2021 use a fraction of the steps) divides its extra cost (a vector-Jacobian product
+    per probe) by `k`; the ramp lets the model fit the data before the penalty bites. A frozen
+    dataclass, so it can sit in `deq.train.TrainConfig(jacobian_reg=JacobianSchedule(...))`,
+    where `fit` skips the penalty's computation on the steps where the weight is 0.
+
+    Args:
+      weight: the weight `gamma >= 0` once ramped up.
+      every: apply on one step in `every` (>= 1).
+      start_step: no penalty before this step (>= 0).
+      ramp_steps: linear ramp of the weight over this many steps after `start_step` (>= 0).
+
+    Example:
+      >>> from deq.regularize import JacobianSchedule
+      >>> sched = JacobianSchedule(weight=2.0, every=2, ramp_steps=4)
+      >>> [sched(s) for s in range(8)]
+      [0.5, 0.0, 1.5, 0.0, 2.0, 0.0, 2.0, 0.0]
+      >>> sched.active(3)
+      False
+
+    References:
+      Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization",
+      ICML 2021.
+    """
+
+    weight: float
+    every: int = 1
+    start_step: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self):
+        owner = "JacobianSchedule"
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+            raise ValueError(f"{owner}: `weight` must be a finite number >= 0, got {w!r}. Pass e.g. weight=1.0.")
+        check_positive_int(owner, "every", self.every, example=4)
+        for name in ("start_step", "ramp_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{owner}: `{name}` must be an integer >= 0, got {v!r}. Pass e.g. {name}=0.")
+        object.__setattr__(self, "weight", float(w))
+
+    def active(self, step: int) -> bool:
+        """Whether the penalty is computed at training step `step` (its weight is > 0)."""
+        return self(step) > 0
+
+    def __call__(self, step: int) -> float:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"JacobianSchedule: `step` must be an integer >= 0, got {step!r}.")
+        s = step - self.start_step
+        if s < 0 or s % self.every or self.weight == 0:
+            return 0.0
+        return self.weight * (min(1.0, (s + 1) / self.ramp_steps) if self.ramp_steps else 1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed-point correction
 # --------------------------------------------------------------------------------------------
@@ -330,6 +402,36 @@ def _segment_steps(max_steps: int, num_points: int) -> list[int]:
     return [base + (1 if k < extra else 0) for k in range(num_points)]
 
 
+def _chosen_segments(owner: str, steps, max_steps: int, num_points) -> list[int]:
+    """The segment lengths `s_k - s_{k-1}` of explicitly chosen steps, checked."""
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        raise TypeError(
+            f"{owner}: `steps` must be a sequence of solver step counts, got {steps!r}. "
+            "Pass e.g. steps=(4, 8, 30)."
+        )
+    steps = list(steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+        raise ValueError(
+            f"{owner}: `steps` must be a non-empty sequence of integers, got {steps!r}. Pass e.g. steps=(4, 8, 30)."
+        )
+    if steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(
+            f"{owner}: `steps` must be strictly increasing integers >= 1 (the solver steps after which "
+            f"iterates are supervised), got {steps}. Sort them and drop repeats, e.g. {sorted(set(s for s in steps if s >= 1))}."
+        )
+    if steps[-1] > max_steps:
+        raise ValueError(
+            f"{owner}: `steps` ends at step {steps[-1]}, beyond the solver's max_steps={max_steps}. "
+            f"Raise the solver's max_steps to {steps[-1]} or drop the later steps."
+        )
+    if num_points is not None and num_points != len(steps):
+        raise ValueError(
+            f"{owner}: `num_points`={num_points} disagrees with the {len(steps)} entries of `steps`={steps}. "
+            "Pass only steps (num_points follows), or make them agree."
+        )
+    return [b - a for a, b in zip([0] + steps[:-1], steps)]
+
+
 def _with_max_steps(solver, steps: int):
     try:
         return dataclasses.replace(solver, max_steps=steps)
@@ -347,10 +449,11 @@ def fixed_point_correction(
     args: Any = None,
     *,
     solver: Optional[AbstractSolver] = None,
-    num_points: int = 3,
+    num_points: Optional[int] = None,
     backward: Optional[AbstractBackward] = None,
     weights: Optional[Sequence[float]] = None,
     batch_axis: Optional[int] = None,
+    steps: Optional[Sequence[int]] = None,
 ) -> Correction:
     r"""Fixed-point correction (DEQ-Flow): a solve split into segments, each end supervised.
 
@@ -370,22 +473,32 @@ def fixed_point_correction(
     solve. A segment that starts converged takes zero steps. Each segment returns its
     lowest-residual iterate, from which the next segment starts.
 
+    **Chosen steps** (torchdeq's `indexing`): with `steps=(s_1, ..., s_K)`, strictly increasing,
+    the supervised iterates are those after `s_1, ..., s_K` solver steps (segment `k` runs
+    `s_k - s_{k-1}` steps), e.g. `steps=(4, 8, 30)` to supervise two early iterates and the
+    last. `s_K` must not exceed `solver.max_steps`; the solve ends at `s_K`. With a memoryless
+    solver (`deq.FixedPointIteration`) the iterate after `s_k` steps is exactly `f^{s_k}(z0)`
+    (unless the tolerance stops it earlier).
+
     Args:
       f: the cell, `f(z, args) -> z`.
       z0: initial state (pytree).
       args: parameters and inputs; gradients flow to them through every iterate.
       solver: a deq solver (default `deq.Anderson()`); its `max_steps` is the total budget,
-        split as evenly as possible over the segments (it must be `>= num_points`).
-      num_points: `K >= 1`, the number of supervised iterates.
+        split as evenly as possible over the segments (it must be `>= num_points`), or the
+        bound on `steps`.
+      num_points: `K >= 1`, the number of supervised iterates (default 3, or `len(steps)`).
       backward: backward strategy for every iterate (default `deq.PhantomGrad()`, as DEQ-Flow).
       weights: `K` loss weights; default `correction_weights(K, 0.8)` (increasing).
       batch_axis: None or 0, as in `deq.fixed_point`.
+      steps: the solver steps after which the iterates are taken, strictly increasing
+        positive integers `<= solver.max_steps`; None splits `max_steps` evenly.
 
     Returns:
       A `Correction(iterates, weights, solution)`. `solution.stats` combines the segments:
       `num_steps` is the total, `residual_norm`/`converged`/`result` are the last segment's,
-      and `residual_history` (length `max_steps + 1`) concatenates the segments' histories
-      (NaN where a segment stopped early).
+      and `residual_history` (length `max_steps + 1`, or `steps[-1] + 1`) concatenates the
+      segments' histories (NaN where a segment stopped early).
 
     Example:
       >>> import jax, jax.numpy as jnp, deq
@@ -397,6 +510,10 @@ def fixed_point_correction(
       ...     return correction_loss(lambda z: jnp.sum((z - 0.5) ** 2), its, w)
       >>> jax.grad(loss)(jnp.ones(3)).shape
       (3,)
+      >>> its, w, sol = fixed_point_correction(f, jnp.zeros(3), jnp.ones(3), steps=(1, 2, 10),
+      ...                                      solver=deq.FixedPointIteration(max_steps=10))
+      >>> len(its), bool(jnp.allclose(its[1], f(f(jnp.zeros(3), 1.0), 1.0)))  # after 2 steps
+      (3, True)
 
     References:
       Bai, Geng, Satpathy & Koltun, "Deep Equilibrium Optical Flow Estimation", CVPR 2022.
@@ -412,13 +529,19 @@ def fixed_point_correction(
         raise TypeError(
             f"{owner}: `backward` must be a deq backward strategy such as deq.PhantomGrad(), got {backward!r}."
         )
-    check_positive_int(owner, "num_points", num_points, example=3)
     _check_batch_axis(owner, batch_axis)
-    if solver.max_steps < num_points:
-        raise ValueError(
-            f"{owner}: `solver.max_steps` ({solver.max_steps}) must be at least `num_points` "
-            f"({num_points}): each segment needs at least one step. Raise max_steps or lower num_points."
-        )
+    if steps is None:
+        num_points = 3 if num_points is None else num_points
+        check_positive_int(owner, "num_points", num_points, example=3)
+        if solver.max_steps < num_points:
+            raise ValueError(
+                f"{owner}: `solver.max_steps` ({solver.max_steps}) must be at least `num_points` "
+                f"({num_points}): each segment needs at least one step. Raise max_steps or lower num_points."
+            )
+        segments = _segment_steps(solver.max_steps, num_points)
+    else:
+        segments = _chosen_segments(owner, steps, solver.max_steps, num_points)
+        num_points = len(segments)
     if weights is None:
         w = correction_weights(num_points)
     else:
@@ -431,9 +554,9 @@ def fixed_point_correction(
 
     iterates, stats = [], []
     z = z0
-    for steps in _segment_steps(solver.max_steps, num_points):
+    for seg in segments:
         sol = fixed_point(
-            f, jax.lax.stop_gradient(z), args, solver=_with_max_steps(solver, steps),
+            f, jax.lax.stop_gradient(z), args, solver=_with_max_steps(solver, seg),
             backward=backward, batch_axis=batch_axis,
         )
         iterates.append(sol.value)

@@ -75,6 +75,7 @@ from deq._errors import clean_errors
 from deq.backward import IFT
 from deq.data import iterate_batches, num_batches
 from deq.nn._layer import DEQ, BackwardProbe, backward_stats, enable_backward_stats
+from deq.regularize import JacobianSchedule
 
 __all__ = [
     "CheckpointError",
@@ -186,7 +187,10 @@ class TrainConfig:
       seed: non-negative integer; the data order is a pure function of `(seed, epoch)` and the
         key given to `aux_loss_fn` at step `s` is `fold_in(key(seed), s)`.
       jacobian_reg: weight of the extra loss `aux_loss_fn(model, x, key)` passed to `fit`
-        (e.g. a Jacobian Frobenius-norm estimate); 0 turns it off.
+        (e.g. a Jacobian Frobenius-norm estimate); 0 turns it off. A
+        `deq.regularize.JacobianSchedule(weight, every=k, start_step=..., ramp_steps=...)`
+        applies it on one step in `k` with a warm-up of its weight; on the other steps the
+        extra loss is not computed at all (and the record has no `aux_loss`).
       log_dir: directory for `metrics.jsonl` (one JSON record per step and per evaluation,
         rewritten by each `fit` call from its history) and TensorBoard files; None = no files.
       checkpoint_dir: directory of orbax checkpoints; `fit` resumes from the latest one found
@@ -223,7 +227,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     eval_every: int = 0
     seed: int = 0
-    jacobian_reg: float = 0.0
+    jacobian_reg: float | JacobianSchedule = 0.0
     log_dir: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1000
@@ -236,7 +240,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_number("learning_rate", self.learning_rate, minimum=0.0, strict=True)
         _check_number("weight_decay", self.weight_decay, minimum=0.0)
-        _check_number("jacobian_reg", self.jacobian_reg, minimum=0.0)
+        if not isinstance(self.jacobian_reg, JacobianSchedule):
+            _check_number("jacobian_reg", self.jacobian_reg, minimum=0.0)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("eval_every", self.eval_every, minimum=0)
@@ -473,7 +478,7 @@ def _call_model(model, x):
     }
 
 
-def _loss(model, x, y, key, aux_loss_fn, aux_weight):
+def _loss(model, x, y, key, aux_loss_fn, aux_weight, aux_scale=None):
     logits, info = _call_model(model, x)
     losses, correct = cross_entropy(logits, y)
     loss = jnp.mean(losses)
@@ -482,12 +487,12 @@ def _loss(model, x, y, key, aux_loss_fn, aux_weight):
     if aux_loss_fn is not None and aux_weight:
         aux = jnp.asarray(aux_loss_fn(model, x, key), jnp.float32)
         metrics["aux_loss"] = aux
-        total = loss + aux_weight * aux
+        total = loss + aux_weight * aux * (1.0 if aux_scale is None else aux_scale)
     return total, metrics
 
 
 @nnx.jit(static_argnames=("aux_loss_fn", "aux_weight"))
-def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight=0.0):
+def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight=0.0, aux_scale=None):
     """One optimizer step on a batch: cross-entropy (+ `aux_weight * aux_loss_fn`), grads, update.
 
     Updates `model` and `optimizer` in place (compiled with `nnx.jit`). Inputs may be sharded
@@ -501,6 +506,8 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
       key: a JAX PRNG key passed to `aux_loss_fn` (may be None when there is none).
       aux_loss_fn: optional static callable `aux_loss_fn(model, x, key) -> scalar`.
       aux_weight: static float multiplying the extra loss; 0 skips it.
+      aux_scale: optional traced scalar multiplying `aux_weight` (a weight schedule without
+        recompiling: `fit` passes `JacobianSchedule(step) / weight`); None means 1.
 
     The update is applied only if the loss, the gradient (its global norm) and the updated
     parameters (`nnx.Param`) are all finite. Otherwise the floating-point state of `model` and
@@ -545,7 +552,7 @@ def train_step(model, optimizer, x, y, key=None, *, aux_loss_fn=None, aux_weight
     probed = _has_probes(model)
     wrt = nnx.Any(nnx.Param, BackwardProbe) if probed else nnx.Param
     grad_fn = nnx.value_and_grad(_loss, has_aux=True, argnums=nnx.DiffState(0, wrt))
-    (total, metrics), grads = grad_fn(model, x, y, key, aux_loss_fn, aux_weight)
+    (total, metrics), grads = grad_fn(model, x, y, key, aux_loss_fn, aux_weight, aux_scale)
     if probed:  # the probes' "gradient" is the adjoint's statistics: never an update
         probes, grads = nnx.split_state(grads, BackwardProbe, ...)
         metrics.update(_backward_metrics(model, probes))
@@ -1314,7 +1321,7 @@ def _check_resume(meta: Mapping[str, Any], config: TrainConfig, num_train: int) 
     diffs = [
         f"{name}: checkpoint {saved.get(name)!r} vs now {getattr(config, name)!r}"
         for name in _TRAJECTORY_FIELDS
-        if saved.get(name) != getattr(config, name)
+        if saved.get(name) != _saved_form(getattr(config, name))
     ]
     if meta.get("num_train") != num_train:
         diffs.append(f"number of training samples: checkpoint {meta.get('num_train')} vs now {num_train}")
@@ -1324,6 +1331,11 @@ def _check_resume(meta: Mapping[str, Any], config: TrainConfig, num_train: int) 
             f"with different settings ({'; '.join(diffs)}). Use the same config and data to resume, "
             "a new checkpoint_dir to start over, or fit(..., resume=False) to ignore it."
         )
+
+
+def _saved_form(value: Any) -> Any:
+    """A config value as `dataclasses.asdict(config)` stores it (a schedule becomes a dict)."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _meta(step: int, epoch: int, per_epoch: int, config: TrainConfig, num_train: int, history: History) -> dict:
@@ -1551,12 +1563,14 @@ def fit(
         raise TypeError(f"fit: config must be a deq.train.TrainConfig, got {type(config).__name__}.")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"fit: model must be a flax.nnx.Module, got {type(model).__name__}.")
-    if config.jacobian_reg > 0 and aux_loss_fn is None:
+    schedule = (config.jacobian_reg if isinstance(config.jacobian_reg, JacobianSchedule)
+                else JacobianSchedule(weight=float(config.jacobian_reg)))
+    if schedule.weight > 0 and aux_loss_fn is None:
         raise ValueError(
             f"fit: config.jacobian_reg={config.jacobian_reg} > 0 needs aux_loss_fn(model, x, key) -> "
             "scalar (e.g. a Jacobian Frobenius-norm estimate). Pass aux_loss_fn=... or jacobian_reg=0."
         )
-    aux_weight = float(config.jacobian_reg)
+    aux_weight = schedule.weight
     aux = aux_loss_fn if aux_weight > 0 else None
     x_train, y_train, x_test, y_test, num_classes = _check_dataset(dataset)
     num_train = len(x_train)
@@ -1623,12 +1637,16 @@ def fit(
             x_train, y_train, config.batch_size, seed=config.seed, start_step=start, total_steps=total
         ):
             xb, yb = shard_batch((xb, yb), mesh)
-            key = None if aux is None else jax.random.fold_in(base_key, index)
+            weight = schedule(index) if aux is not None else 0.0
+            key = None if weight == 0 else jax.random.fold_in(base_key, index)
             t0 = time.perf_counter()
             with clean_errors():  # a failed solve with throw=True: one deq.SolveError
-                metrics = jax.block_until_ready(
-                    step_fn(xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight)
-                )
+                if weight == 0:  # no penalty on this step: not computed at all
+                    metrics = jax.block_until_ready(step_fn(xb, yb, None))
+                else:
+                    metrics = jax.block_until_ready(step_fn(
+                        xb, yb, key, aux_loss_fn=aux, aux_weight=aux_weight,
+                        aux_scale=jnp.float32(weight / aux_weight)))
             step_time = time.perf_counter() - t0
             step = index + 1
             record = _train_record(step, epoch, metrics, lrs[index], step_time)

@@ -5,7 +5,8 @@
 solve; `solution_info` summarises a solve's statistics as batch means.
 
 The public names of `deq.nn.cells`, `deq.nn.models`, `deq.nn.normalization` and
-`deq.nn.contractive` (cells, models, normalised and contractive layers built on `DEQ`) are
+`deq.nn.contractive` and `deq.nn.dropout` (cells, models, normalised and contractive layers,
+variational dropout, built on `DEQ`) are
 re-exported here; a submodule that does not exist is skipped, any other import error is raised.
 """
 
@@ -17,8 +18,9 @@ from ._layer import backward_stats as backward_stats
 from ._layer import enable_backward_stats as enable_backward_stats
 from ._layer import SolverConstant as SolverConstant
 from ._layer import solution_info as solution_info
+from ._stream import stream as stream
 
-__all__ = ["DEQ", "SolverConstant", "BackwardProbe", "backward_stats", "enable_backward_stats", "solution_info"]
+__all__ = ["DEQ", "SolverConstant", "BackwardProbe", "backward_stats", "enable_backward_stats", "solution_info", "stream"]
 
 
 def _optional(name):
@@ -43,6 +45,6 @@ def _reexport(name):
     __all__.extend(n for n in public if n not in __all__)
 
 
-for _name in ("cells", "models", "normalization", "contractive"):
+for _name in ("cells", "models", "normalization", "contractive", "dropout"):
     _reexport(_name)
 del _name

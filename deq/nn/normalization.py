@@ -17,11 +17,19 @@ explicit call made once per training step outside the solve:
 `u` is stored as a `PowerIterationState`, a subclass of `deq.nn.SolverConstant` (read-only
 during the solve), so `deq.nn.DEQ` accepts cells holding it and `nnx.grad` does not
 differentiate it.
+
+**An existing cell, without rewriting it** (torchdeq's `apply_norm` / `reset_norm` /
+`remove_norm`): `apply_norm(cell, "weight")` or `apply_norm(cell, "spectral")` replaces, in
+place, every `nnx.Linear` and `nnx.Conv` inside a module by a `NormalizedLayer` wrapping it
+(the layer's kernel becomes the direction `V`); `reset_norm(model)` runs the spectral power
+iterations once per training step, outside the solve; `remove_norm(model)` folds the
+normalized kernels back into plain `nnx.Linear` / `nnx.Conv` layers (for export or
+inference), leaving the function unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +37,10 @@ from flax import nnx
 
 from ._layer import SolverConstant
 
-__all__ = ["PowerIterationState", "SpectralNormDense", "WeightNormDense", "spectral_norm_step"]
+__all__ = [
+    "NormalizedLayer", "PowerIterationState", "SpectralNormDense", "WeightNormDense", "apply_norm", "remove_norm",
+    "reset_norm", "spectral_norm_step",
+]
 
 
 def _check_int(owner: str, name: str, value, minimum: int = 1, example: int = 1) -> None:
@@ -283,6 +294,291 @@ class WeightNormDense(nnx.Module):
         _check_input("WeightNormDense", x, self.in_features)
         y = x @ self.weight.astype(jnp.result_type(x))
         return y if self.b is None else y + self.b[...]
+
+
+# --------------------------------------------------------------------------------------------
+# Normalizing an existing module's layers: apply_norm / reset_norm / remove_norm
+# --------------------------------------------------------------------------------------------
+
+NORMS = ("weight", "spectral")
+_WRAPPABLE = (nnx.Linear, nnx.Conv)
+
+
+def _check_norm(owner: str, norm) -> str:
+    if norm not in NORMS:
+        raise ValueError(
+            f"{owner}: `norm` must be one of {NORMS} (weight normalization, Salimans & Kingma 2016; "
+            f"spectral normalization, Miyato et al. 2018), got {norm!r}. Pass e.g. norm='weight'."
+        )
+    return norm
+
+
+class NormalizedLayer(nnx.Module):
+    r"""An `nnx.Linear` or `nnx.Conv` whose kernel is weight- or spectrally normalized.
+
+    The wrapped layer's kernel `V` (shape `(..., out)`) is kept as the trainable direction and
+    each call runs the layer with the effective kernel
+
+    .. math::
+        \text{weight:}\ W_{\cdot j} = g_j \frac{V_{\cdot j}}{\|V_{\cdot j}\|}, \qquad
+        \text{spectral:}\ W = c\, \frac{V}{\hat\sigma(V)},\ \
+        \hat\sigma = \|\bar V\, \mathrm{sg}(u)\|,
+
+    where `j` runs over output units (the norm is over every other kernel axis), `g` is a
+    trainable `(out,)` scale initialised to `||V_j||` (so the layer's function is unchanged
+    at first), `bar V` is `V` reshaped to `(fan_in, out)`, and `u` is a power-iteration vector
+    stored as a `PowerIterationState` (read-only during a solve; `reset_norm` advances it, as
+    `SpectralNormDense.update_power_iteration` does). Build it with `apply_norm`, which
+    replaces the layers of an existing module in place.
+
+    Args:
+      layer: the `nnx.Linear` or `nnx.Conv` to wrap (it becomes `self.layer`).
+      norm: `"weight"` or `"spectral"`.
+      rngs: random key source (the initial `u` of spectral normalization).
+      coeff: spectral normalization's target norm `c > 0`.
+      n_power_iterations: power iterations per `reset_norm` call.
+      init_power_iterations: power iterations run at construction.
+      eps: floor on norms.
+
+    Returns:
+      Calling it on `x` returns what the wrapped layer returns with the effective kernel.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deq.nn.normalization import NormalizedLayer
+      >>> lin = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      >>> wn = NormalizedLayer(lin, norm="weight", rngs=nnx.Rngs(1))
+      >>> bool(jnp.allclose(wn(jnp.ones((2, 3))), lin(jnp.ones((2, 3))), atol=1e-6))
+      True
+      >>> sorted(nnx.to_pure_dict(nnx.state(wn, nnx.Param)))
+      ['g', 'layer']
+
+    References:
+      Salimans & Kingma, "Weight Normalization", NeurIPS 2016.
+      Miyato, Kataoka, Koyama & Yoshida, "Spectral Normalization for Generative Adversarial
+      Networks", ICLR 2018.
+    """
+
+    def __init__(self, layer: nnx.Module, *, norm: str, rngs: nnx.Rngs, coeff: float = 1.0,
+                 n_power_iterations: int = 1, init_power_iterations: int = 20, eps: float = 1e-12):
+        owner = "NormalizedLayer"
+        if not isinstance(layer, _WRAPPABLE):
+            raise TypeError(
+                f"{owner}: `layer` must be an nnx.Linear or nnx.Conv, got {type(layer).__name__}. "
+                "Normalize other layers by writing them with deq.nn.WeightNormDense / SpectralNormDense."
+            )
+        self.norm = _check_norm(owner, norm)
+        _check_int(owner, "n_power_iterations", n_power_iterations, example=1)
+        _check_int(owner, "init_power_iterations", init_power_iterations, minimum=0, example=20)
+        if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not coeff > 0:
+            raise ValueError(f"{owner}: `coeff` must be a number > 0, got {coeff!r}. Pass e.g. coeff=0.9.")
+        self.layer = layer
+        self.coeff, self.eps, self.n_power_iterations = float(coeff), float(eps), n_power_iterations
+        V = layer.kernel[...]
+        if norm == "weight":
+            self.g = nnx.Param(jnp.sqrt(jnp.sum(V * V, axis=tuple(range(V.ndim - 1)))))
+        else:
+            u = jax.random.normal(rngs.params(), (V.shape[-1],), V.dtype)
+            self.u = PowerIterationState(_safe_normalize(u, self.eps))
+            if init_power_iterations:
+                self.update_power_iteration(init_power_iterations)
+
+    def _matrix(self):
+        V = self.layer.kernel[...]
+        return V.reshape(-1, V.shape[-1])
+
+    def update_power_iteration(self, num_iterations: Optional[int] = None) -> jax.Array:
+        """Run power iterations on the kernel and store `u` (spectral only; call outside the solve).
+
+        Args:
+          num_iterations: iterations to run (default `n_power_iterations`).
+
+        Returns:
+          The new estimate of the kernel's spectral norm (no gradient).
+        """
+        if self.norm != "spectral":
+            raise ValueError(
+                "NormalizedLayer.update_power_iteration: only spectral normalization has a power "
+                f"iteration; this layer uses norm={self.norm!r}."
+            )
+        n = self.n_power_iterations if num_iterations is None else num_iterations
+        _check_int("NormalizedLayer.update_power_iteration", "num_iterations", n, example=1)
+        W = jax.lax.stop_gradient(self._matrix())
+        u = jax.lax.stop_gradient(self.u[...]).astype(W.dtype)
+        for _ in range(n):
+            u = _safe_normalize(W.T @ _safe_normalize(W @ u, self.eps), self.eps)
+        self.u[...] = u
+        return jnp.sqrt(jnp.sum(jnp.square(W @ u)))
+
+    @property
+    def kernel(self) -> jax.Array:
+        """The effective (normalized) kernel, shaped like the wrapped layer's."""
+        V = self.layer.kernel[...]
+        if self.norm == "weight":
+            axes = tuple(range(V.ndim - 1))
+            sq = jnp.sum(V * V, axis=axes)
+            pos = sq > 0
+            return jnp.where(pos, V * (self.g[...] / jnp.sqrt(jnp.where(pos, sq, 1.0))), 0.0)
+        u = jax.lax.stop_gradient(self.u[...]).astype(V.dtype)
+        sigma = jnp.sqrt(jnp.sum(jnp.square(self._matrix() @ u)))
+        return V * (self.coeff / jnp.maximum(sigma, self.eps))
+
+    def plain(self) -> nnx.Module:
+        """A copy of the wrapped layer with the effective kernel folded in (what `remove_norm` keeps)."""
+        graphdef, state = nnx.split(self.layer)
+        pure = nnx.to_pure_dict(state)
+        pure["kernel"] = jax.lax.stop_gradient(self.kernel)
+        return nnx.merge(graphdef, pure)
+
+    def __call__(self, *args, **kwargs):
+        # A fresh layer with the effective kernel, built functionally: nothing is written, so
+        # this is allowed inside a DEQ solve and differentiates through `kernel`.
+        graphdef, state = nnx.split(self.layer)
+        pure = nnx.to_pure_dict(state)
+        pure["kernel"] = self.kernel
+        return nnx.merge(graphdef, pure)(*args, **kwargs)
+
+
+def _children(module: nnx.Module, kinds) -> list:
+    """`(parent, key, node)` for every node of a type in `kinds` inside `module`, not inside a
+    `NormalizedLayer` unless `kinds` asks for those."""
+    found, inside = [], []
+    nodes = dict(nnx.iter_graph(module))
+    for path, node in sorted(nodes.items(), key=lambda kv: len(kv[0])):
+        if not path or any(path[:len(p)] == p for p in inside):
+            continue
+        if isinstance(node, NormalizedLayer):
+            inside.append(path)
+        if isinstance(node, kinds):
+            found.append((nodes[path[:-1]], path[-1], node))
+    return found
+
+
+def _replace(parent, key, new) -> None:
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def apply_norm(module: nnx.Module, norm: str = "weight", *, rngs: Optional[nnx.Rngs] = None,
+               coeff: float = 1.0, n_power_iterations: int = 1, init_power_iterations: int = 20,
+               exclude: Sequence[str] = ()) -> int:
+    """Weight- or spectrally normalize every `nnx.Linear` / `nnx.Conv` inside `module`, in place.
+
+    Each such layer is replaced in its parent by `NormalizedLayer(layer, norm=norm, ...)`; the
+    cell's code is untouched (it calls the attribute as before). With `norm="weight"` the
+    function is unchanged at first (`g = ||V||`); with `"spectral"` every kernel is scaled to
+    spectral norm `coeff`. Layers already normalized are left alone. Call it before building
+    the optimizer (the parameters change: `g`, the power-iteration state `u`).
+
+    Args:
+      module: an `nnx.Module` (a DEQ cell, a `deq.nn.DEQ`, a whole model).
+      norm: `"weight"` or `"spectral"`.
+      rngs: random key source for the power-iteration vectors (default `nnx.Rngs(0)`).
+      coeff: target spectral norm (spectral only).
+      n_power_iterations: power iterations per `reset_norm` (spectral only).
+      init_power_iterations: power iterations at construction (spectral only).
+      exclude: attribute names (the last part of a layer's path, e.g. `"head"`) left as they are.
+
+    Returns:
+      The number of layers normalized.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq
+      >>> cell = deq.nn.TransformerCell(8, 2, rngs=nnx.Rngs(0))  # qkv, proj, fc1, fc2: nnx.Linear
+      >>> apply_norm(cell, "spectral", coeff=0.9), type(cell.fc1).__name__
+      (4, 'NormalizedLayer')
+      >>> round(float(jnp.linalg.norm(cell.fc1.kernel, 2)), 3)
+      0.9
+      >>> remove_norm(cell), type(cell.fc1).__name__
+      (4, 'Linear')
+
+    References:
+      torchdeq's `apply_norm` (Geng & Kolter, "TorchDEQ: A Library for Deep Equilibrium
+      Models", 2023).
+    """
+    owner = "apply_norm"
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"{owner}: `module` must be an nnx.Module, got {type(module).__name__}.")
+    _check_norm(owner, norm)
+    if isinstance(exclude, str):
+        raise TypeError(f"{owner}: `exclude` must be a sequence of names, got the string {exclude!r}. "
+                        f"Pass exclude=({exclude!r},).")
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    found = [(p, k, n) for p, k, n in _children(module, _WRAPPABLE) if str(k) not in set(exclude)]
+    if isinstance(module, _WRAPPABLE):
+        raise TypeError(
+            f"{owner}: `module` is itself an {type(module).__name__}, which cannot be replaced in place. "
+            "Wrap it directly: deq.nn.NormalizedLayer(layer, norm=..., rngs=...)."
+        )
+    for parent, key, layer in found:
+        _replace(parent, key, NormalizedLayer(layer, norm=norm, rngs=rngs, coeff=coeff,
+                                              n_power_iterations=n_power_iterations,
+                                              init_power_iterations=init_power_iterations))
+    return len(found)
+
+
+def reset_norm(module: nnx.Module, num_iterations: Optional[int] = None) -> int:
+    """Refresh every normalization inside `module` for the next training step (in place).
+
+    Runs the power iteration of every spectrally normalized layer (`NormalizedLayer` with
+    `norm="spectral"` and `SpectralNormDense`); weight normalization is recomputed from its
+    parameters at each call and needs nothing. Call it once per training step, outside the
+    solve (e.g. at the start of the step, or from a cell's `before_solve`).
+
+    Args:
+      module: an `nnx.Module`.
+      num_iterations: override of each layer's `n_power_iterations`.
+
+    Returns:
+      The number of layers whose power iteration ran.
+
+    Example:
+      >>> from flax import nnx
+      >>> import deq
+      >>> cell = deq.nn.TransformerCell(8, 2, rngs=nnx.Rngs(0))
+      >>> apply_norm(cell, "spectral"), reset_norm(cell)
+      (4, 4)
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"reset_norm: `module` must be an nnx.Module, got {type(module).__name__}.")
+    count = spectral_norm_step(module, num_iterations)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, NormalizedLayer) and node.norm == "spectral":
+            node.update_power_iteration(num_iterations)
+            count += 1
+    return count
+
+
+def remove_norm(module: nnx.Module) -> int:
+    """Undo `apply_norm`: replace every `NormalizedLayer` inside `module` by its plain layer
+    with the effective kernel folded in (the function is unchanged; `g` and `u` are dropped).
+
+    Args:
+      module: an `nnx.Module`.
+
+    Returns:
+      The number of layers restored.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq
+      >>> cell = deq.nn.TransformerCell(8, 2, rngs=nnx.Rngs(0))
+      >>> _ = apply_norm(cell, "weight")
+      >>> remove_norm(cell), type(cell.fc2).__name__
+      (4, 'Linear')
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"remove_norm: `module` must be an nnx.Module, got {type(module).__name__}.")
+    found = _children(module, NormalizedLayer)
+    for parent, key, wrapper in found:
+        _replace(parent, key, wrapper.plain())
+    return len(found)
 
 
 # `inspect.signature` and `help` of every module class above show its real arguments.
