@@ -18,8 +18,9 @@ from ._layer import backward_stats as backward_stats
 from ._layer import enable_backward_stats as enable_backward_stats
 from ._layer import SolverConstant as SolverConstant
 from ._layer import solution_info as solution_info
+from ._stream import stream as stream
 
-__all__ = ["DEQ", "SolverConstant", "BackwardProbe", "backward_stats", "enable_backward_stats", "solution_info"]
+__all__ = ["DEQ", "SolverConstant", "BackwardProbe", "backward_stats", "enable_backward_stats", "solution_info", "stream"]
 
 
 def _optional(name):
