@@ -82,6 +82,36 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch=Fals
         )
 
 
+def _check_budget(max_steps, solver):
+    """Validate a runtime step budget; return it as an int32 scalar array (or None)."""
+    if max_steps is None:
+        return None
+    if isinstance(max_steps, bool) or not (isinstance(max_steps, int) or hasattr(max_steps, "dtype")):
+        raise TypeError(
+            f"fixed_point: `max_steps` (the runtime step budget) must be an integer or an integer "
+            f"scalar array, got {max_steps!r}. Pass e.g. max_steps=10, or max_steps=jnp.int32(k) "
+            f"inside a jitted function."
+        )
+    if hasattr(max_steps, "dtype"):
+        if not jnp.issubdtype(max_steps.dtype, jnp.integer) or jnp.shape(max_steps) != ():
+            raise TypeError(
+                f"fixed_point: `max_steps` (the runtime step budget) must be an integer scalar, got "
+                f"{jnp.dtype(max_steps.dtype).name}{list(jnp.shape(max_steps))}. Pass e.g. "
+                f"jnp.asarray(k, jnp.int32); to sweep budgets, jax.vmap over a vector of them."
+            )
+    if not isinstance(max_steps, jax.core.Tracer):
+        k = int(max_steps)
+        if not 0 <= k <= solver.max_steps:
+            raise ValueError(
+                f"fixed_point: `max_steps` (the runtime step budget) must lie in [0, "
+                f"solver.max_steps] = [0, {solver.max_steps}], got {k}. The solver's max_steps is the "
+                f"static upper bound (it sizes the residual history): build the solver with "
+                f"max_steps={max(k, 1)} or more, e.g. {type(solver).__name__}(max_steps={max(k, 1)}), "
+                f"and pass budgets up to it."
+            )
+    return jnp.asarray(max_steps, jnp.int32)
+
+
 def _check_rows(F, x0):
     """Raise a `deq.SolveError` (from compiled code) if `F` lets rows of its input reach other rows.
 
@@ -128,7 +158,7 @@ def _empty_solution(z0, solver, dtype):
     return Solution(value=z0, stats=stats)
 
 
-def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats):
+def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget=None):
     _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch)
     packer = _tree.make_packer(z0, batch_axis)
     if packer.rows == 0:  # an empty batch: nothing to solve
@@ -146,10 +176,14 @@ def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backwar
     x0 = packer.pack(z0)
     if check_batch:
         _check_rows(lambda x: fn(x, (args, consts)), x0)
-    if backward_stats is None:
-        x_star, out = backward.solve(fn, solver, x0, (args, consts), throw)
-    else:
-        x_star, out = backward.solve(fn, solver, x0, (args, consts), throw, probe=backward_stats)
+    # Optional arguments are passed only when given, so a user's own backward strategy written
+    # against the shorter `solve(fn, solver, x0, params, throw)` keeps working.
+    extra = {}
+    if backward_stats is not None:
+        extra["probe"] = backward_stats
+    if budget is not None:
+        extra["budget"] = budget
+    x_star, out = backward.solve(fn, solver, x0, (args, consts), throw, **extra)
     if throw:
         x_star = report("the forward solve", out, x_star, throw=True, warn=False)
     squeeze = (lambda a: a[0]) if batch_axis is None else (lambda a: a)
@@ -171,7 +205,7 @@ _impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6, 7))
 
 @strict_kwargs
 def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False,
-                check_batch=False, backward_stats=None) -> Solution:
+                check_batch=False, backward_stats=None, max_steps=None) -> Solution:
     r"""Solve `z* = f(z*, args)` and differentiate `z*` with respect to `args`.
 
     The forward pass runs `solver` from `z0` until `||f(z) - z|| <= atol + rtol ||f(z)||` (l2
@@ -205,6 +239,12 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
         the batch). A debugging aid: it costs up to 16 extra evaluations of `f`.
       backward_stats: a `deq.BackwardStats.probe(...)`; differentiate with respect to it to
         receive the adjoint solve's statistics as its cotangent (see `deq.BackwardStats`).
+      max_steps: a runtime step budget for the forward solve: an integer, or an integer scalar
+        array that may be traced, in `[0, solver.max_steps]` (a traced value outside is clipped
+        to it). The solve stops after at most this many steps; changing it never recompiles,
+        since the compiled loop depends only on the solver's static `max_steps`. None (default)
+        means `solver.max_steps`. Samples stopped by the budget report result MAX_STEPS. It
+        applies to the forward solve only (the IFT adjoint keeps its own solver's limit).
 
     Returns:
       A `Solution` with `value` (shaped like `z0`) and `stats` (`num_steps`, `residual_norm`,
@@ -222,13 +262,20 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
       >>> jax.grad(lambda p: deq.fixed_point(f, jnp.zeros(3), p).value.sum())(p)["x"].shape
       (3,)
 
+      A runtime step budget (one compilation serves every budget):
+
+      >>> solve = jax.jit(lambda k: deq.fixed_point(f, jnp.zeros(3), p, max_steps=k).stats.num_steps)
+      >>> [int(solve(k)) for k in (1, 2, 3)]
+      [1, 2, 3]
+
     References:
       Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
     solver = Anderson() if solver is None else solver
     backward = IFT() if backward is None else backward
     z0 = jax.tree_util.tree_map(jnp.asarray, z0)
-    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats)
+    budget = _check_budget(max_steps, solver) if isinstance(solver, AbstractSolver) else max_steps
+    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget)
     try:
         hash(f)
         impl = _impl_jit

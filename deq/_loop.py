@@ -86,8 +86,17 @@ def result_codes(converged, diverged, nonfinite) -> jax.Array:
     ).astype(jnp.int32)
 
 
+def step_limit(max_steps: int, budget: Optional[jax.Array]):
+    """The number of steps a loop may take: the solver's static `max_steps`, or a runtime
+    `budget` (a traced or concrete integer) clipped to `[0, max_steps]`."""
+    if budget is None:
+        return max_steps
+    return jnp.clip(jnp.asarray(budget, jnp.int32), 0, max_steps)
+
+
 def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: bool = False,
-        rhs_norm: Optional[jax.Array] = None, rtol: Optional[jax.Array] = None) -> LoopOutput:
+        rhs_norm: Optional[jax.Array] = None, rtol: Optional[jax.Array] = None,
+        budget: Optional[jax.Array] = None) -> LoopOutput:
     """Run `solver` on the packed map `F: (B, n) -> (B, n)` from `x0`.
 
     Args:
@@ -99,6 +108,9 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
       rhs_norm: for a linear problem `u = A u + b`, the `(B,)` norms `||b||`: the relative
         tolerance is then taken against them (a linear-system test) instead of `||F(x)||`.
       rtol: an optional `(B,)` relative tolerance replacing `solver.rtol` (per sample).
+      budget: an optional runtime step budget (an int32 scalar, possibly traced) below the
+        solver's static `max_steps`: the loop stops after `min(budget, max_steps)` steps. The
+        compiled loop does not depend on its value (the history keeps `max_steps + 1` columns).
 
     Returns:
       A `LoopOutput`.
@@ -107,6 +119,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     rtol = solver.rtol if rtol is None else rtol
     limit = getattr(solver, "divergence_limit", DIVERGENCE_LIMIT)
     B = x0.shape[0]
+    limit_k = step_limit(max_steps, budget)
 
     fx0 = F(x0)
     res0, nf0, n0 = jax.lax.stop_gradient(row_norms(fx0 - x0, fx0, x0))
@@ -127,7 +140,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
         best_fx=fx0,
         best_res=jnp.where(finite0 & jnp.isfinite(res0), res0, jnp.inf),
         steps=jnp.zeros((B,), jnp.int32),
-        active=finite0 & ~conv0,
+        active=finite0 & ~conv0 & (limit_k > 0),
         converged=conv0,
         nonfinite=nonfinite0,
         diverged=div0,
@@ -157,7 +170,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
             best_fx=where_rows(better, fx_new, c.best_fx),
             best_res=jnp.where(better, res, c.best_res),
             steps=c.steps + c.active.astype(jnp.int32),
-            active=upd & ~conv & (k < max_steps),
+            active=upd & ~conv & (k < limit_k),
             converged=c.converged | conv,
             nonfinite=c.nonfinite | (c.active & bad),
             diverged=c.diverged | (c.active & div),
@@ -167,7 +180,7 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     if unroll:
         carry, _ = jax.lax.scan(lambda c, _: (body(c), None), carry, None, length=max_steps)
     else:
-        carry = jax.lax.while_loop(lambda c: (c.k < max_steps) & jnp.any(c.active), body, carry)
+        carry = jax.lax.while_loop(lambda c: (c.k < limit_k) & jnp.any(c.active), body, carry)
 
     result = result_codes(carry.converged, carry.diverged, carry.nonfinite)
     # A sample whose start was non-finite has no finite iterate: report it as such.

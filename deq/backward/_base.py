@@ -30,14 +30,16 @@ class NonConvergenceWarning(RuntimeWarning):
 class AbstractBackward:
     """How a solve is differentiated. Subclasses implement `solve`.
 
-    `solve(fn, solver, x0, params, throw, probe=None)` runs the forward solve of the packed map
-    `x -> fn(x, params)` from `x0` with `solver` and returns `(x_star, loop_output)`, where
-    `x_star` carries the gradient this strategy defines with respect to `params`. `probe`, a
+    `solve(fn, solver, x0, params, throw, probe=None, budget=None)` runs the forward solve of the
+    packed map `x -> fn(x, params)` from `x0` with `solver` and returns `(x_star, loop_output)`,
+    where `x_star` carries the gradient this strategy defines with respect to `params`. `probe`, a
     `deq.BackwardStats` (only passed when the user gave one), receives the backward solve's
     statistics as its cotangent; a strategy without a backward solve ignores it (zero cotangent).
+    `budget` (only passed when the user gave one) is the runtime step budget of the forward
+    solve, an int32 scalar that may be traced: hand it to `deq._loop.run(..., budget=budget)`.
     """
 
-    def solve(self, fn: PackedFn, solver, x0: jax.Array, params: Any, throw: bool, probe=None):
+    def solve(self, fn: PackedFn, solver, x0: jax.Array, params: Any, throw: bool, probe=None, budget=None):
         raise NotImplementedError
 
 

@@ -41,8 +41,8 @@ class PhantomGrad(AbstractBackward):
         check_positive_int(type(self).__name__, "steps", self.steps, example=5)
         check_range(type(self).__name__, "damping", self.damping, 0.0, 1.0)
 
-    def solve(self, fn, solver, x0, params, throw, probe=None):
-        out = stop(_loop.run(solver, lambda x: fn(x, stop(params)), stop(x0)))
+    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None):
+        out = stop(_loop.run(solver, lambda x: fn(x, stop(params)), stop(x0), budget=budget))
         z = damped_steps(fn, out.x, params, self.steps, self.damping)
         return value_with_grad_of(out.x, z), out
 
@@ -67,8 +67,8 @@ class JFB(AbstractBackward):
       networks", AAAI 2022.
     """
 
-    def solve(self, fn, solver, x0, params, throw, probe=None):
-        out = stop(_loop.run(solver, lambda x: fn(x, stop(params)), stop(x0)))
+    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None):
+        out = stop(_loop.run(solver, lambda x: fn(x, stop(params)), stop(x0), budget=budget))
         return value_with_grad_of(out.x, damped_steps(fn, out.x, params, 1, 1.0)), out
 
 
@@ -88,8 +88,8 @@ class Unrolled(AbstractBackward):
       (2,)
     """
 
-    def solve(self, fn, solver, x0, params, throw, probe=None):
-        out = _loop.run(solver, lambda x: fn(x, params), x0, unroll=True)
+    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None):
+        out = _loop.run(solver, lambda x: fn(x, params), x0, unroll=True, budget=budget)
         return out.x, out
 
 

@@ -117,8 +117,8 @@ class IFT(AbstractBackward):
                 "Pass e.g. IFT(solver=deq.Anderson(max_steps=50))."
             )
 
-    def solve(self, fn, solver, x0, params, throw, probe=None):
-        return _ift(fn, solver, self, throw, x0, params, probe)
+    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None):
+        return _ift(fn, solver, self, throw, x0, params, probe, budget)
 
     def adjoint(self, fn, x_star, params, g, throw, vjp=None, forward=None, fx_norm=None):
         """Solve the adjoint `u = J_f^T u + g` at `x_star`; returns `(u, loop_output)`.
@@ -165,13 +165,13 @@ class IFT(AbstractBackward):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ift(fn, solver, backward, throw, x0, params, probe):
-    out = _loop.run(solver, lambda x: fn(x, params), x0)
+def _ift(fn, solver, backward, throw, x0, params, probe, budget):
+    out = _loop.run(solver, lambda x: fn(x, params), x0, budget=budget)
     return out.x, out
 
 
-def _ift_fwd(fn, solver, backward, throw, x0, params, probe):
-    x_star, out = _ift(fn, solver, backward, throw, x0, params, probe)
+def _ift_fwd(fn, solver, backward, throw, x0, params, probe, budget):
+    x_star, out = _ift(fn, solver, backward, throw, x0, params, probe, budget)
     return (x_star, out), (x_star, params, row_norm(out.fx), probe)
 
 
@@ -182,7 +182,8 @@ def _ift_bwd(fn, solver, backward, throw, residuals, cts):
     _, vjp = jax.vjp(fn, x_star, params)
     u, out = backward.adjoint(fn, x_star, params, g, throw, vjp=vjp, forward=solver, fx_norm=fx_norm)
     g_params = vjp(u)[1]
-    return jnp.zeros_like(x_star), g_params, probe_cotangent(probe, out)
+    # The step budget is an integer: no cotangent.
+    return jnp.zeros_like(x_star), g_params, probe_cotangent(probe, out), None
 
 
 _ift.defvjp(_ift_fwd, _ift_bwd)

@@ -124,14 +124,14 @@ class Reversible(AbstractBackward):
         k = self.segment(solver)
         return 0 if k == 0 else (solver.max_steps - 1) // k
 
-    def solve(self, fn, solver, x0, params, throw, probe=None):
+    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None):
         if not isinstance(solver, ReversibleIteration):
             raise ValueError(
                 f"fixed_point: backward=deq.Reversible() reverses the steps of deq.ReversibleIteration, "
                 f"but got solver={solver!r}. Pass solver=deq.ReversibleIteration(...) with it, or keep "
                 f"this solver and use backward=deq.IFT() (or deq.Unrolled())."
             )
-        return _reversible(fn, solver, self.segment(solver), x0, params)
+        return _reversible(fn, solver, self.segment(solver), x0, params, budget)
 
 
 class Record(NamedTuple):
@@ -164,19 +164,21 @@ class _Carry(NamedTuple):
     ck_z: jax.Array
 
 
-def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
+def record(solver: ReversibleIteration, F, x0: jax.Array, every: int, budget=None):
     """Run `solver` on `F` from `x0` as `deq._loop.run` does, keeping what the reversal needs.
 
     The stopping test and result codes are `deq._loop`'s own (`make_verdict`, `result_codes`);
     freezing and the best-iterate rule follow `deq._loop.run` (`tests/test_reversible.py` checks
     the values and statistics agree);
     in addition it keeps `y` and the step index of the returned iterate and a copy of `(y, z)`
-    after every `every`-th step (none for `every=0`). Returns `(LoopOutput, Record)`.
+    after every `every`-th step (none for `every=0`). `budget` is the optional runtime step
+    budget (`deq._loop.step_limit`). Returns `(LoopOutput, Record)`.
     """
     atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps
     limit = solver.divergence_limit
     B, n = x0.shape
     C = 0 if every == 0 else (max_steps - 1) // every
+    limit_k = _loop.step_limit(max_steps, budget)
 
     fx0 = F(x0)
     res0, nf0, n0 = row_norms(fx0 - x0, fx0, x0)
@@ -191,7 +193,7 @@ def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
         best_res=jnp.where(finite0 & jnp.isfinite(res0), res0, jnp.inf),
         best_step=jnp.zeros((B,), jnp.int32),
         steps=jnp.zeros((B,), jnp.int32),
-        active=finite0 & ~conv0, converged=conv0, nonfinite=nonfinite0, diverged=div0,
+        active=finite0 & ~conv0 & (limit_k > 0), converged=conv0, nonfinite=nonfinite0, diverged=div0,
         history=jnp.full((B, max_steps + 1), jnp.nan, dtype=res0.dtype).at[:, 0].set(res0),
         ck_y=jnp.zeros((C, B, n), x0.dtype), ck_z=jnp.zeros((C, B, n), x0.dtype),
     )
@@ -219,7 +221,7 @@ def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
             best_res=jnp.where(better, res, c.best_res),
             best_step=jnp.where(better, k, c.best_step),
             steps=c.steps + c.active.astype(jnp.int32),
-            active=upd & ~conv & (k < max_steps),
+            active=upd & ~conv & (k < limit_k),
             converged=c.converged | conv,
             nonfinite=c.nonfinite | (c.active & bad),
             diverged=c.diverged | (c.active & div),
@@ -227,7 +229,7 @@ def record(solver: ReversibleIteration, F, x0: jax.Array, every: int):
             ck_y=ck_y, ck_z=ck_z,
         )
 
-    c = jax.lax.while_loop(lambda c: (c.k < max_steps) & jnp.any(c.active), body, carry)
+    c = jax.lax.while_loop(lambda c: (c.k < limit_k) & jnp.any(c.active), body, carry)
     result = _loop.result_codes(c.converged, c.diverged, c.nonfinite)
     best_res = jnp.where(jnp.isfinite(c.best_res), c.best_res, jnp.nan)
     out = _loop.LoopOutput(c.best_x, best_res, c.steps, c.converged, result, c.history, c.best_fx)
@@ -284,20 +286,20 @@ def reverse(solver: ReversibleIteration, fn, params, rec: Record, g: jax.Array, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _reversible(fn, solver, every, x0, params):
-    out, _ = record(solver, lambda x: fn(x, params), x0, 0)  # no gradient: no checkpoints
+def _reversible(fn, solver, every, x0, params, budget):
+    out, _ = record(solver, lambda x: fn(x, params), x0, 0, budget)  # no gradient: no checkpoints
     return out.x, out
 
 
-def _reversible_fwd(fn, solver, every, x0, params):
-    out, rec = record(solver, lambda x: fn(x, params), x0, every)
+def _reversible_fwd(fn, solver, every, x0, params, budget):
+    out, rec = record(solver, lambda x: fn(x, params), x0, every, budget)
     return (out.x, out), (params, rec)
 
 
 def _reversible_bwd(fn, solver, every, residuals, cts):
     params, rec = residuals
     g_x0, g_params = reverse(solver, fn, params, rec, cts[0], every)
-    return g_x0, g_params
+    return g_x0, g_params, None  # the step budget is an integer: no cotangent
 
 
 _reversible.defvjp(_reversible_fwd, _reversible_bwd)

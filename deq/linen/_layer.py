@@ -120,6 +120,8 @@ class DEQ(nn.Module):
       deterministic: evaluation mode for this call (selects `eval_solver`).
       backward_stats: a `deq.BackwardStats.probe(...)`; differentiate with respect to it to
         receive the adjoint's statistics (see `deq.BackwardStats`).
+      max_steps: a runtime step budget up to the active solver's `max_steps` (an integer or a
+        traced integer scalar; changing it does not recompile, see `deq.fixed_point`).
 
     Returns:
       `z*`, or a `deq.Solution` with per-sample stats when `return_solution=True`.
@@ -181,6 +183,7 @@ class DEQ(nn.Module):
         solver: Any = None,
         deterministic: Optional[bool] = None,
         backward_stats: Any = None,
+        max_steps: Any = None,
     ):
         default_solver, backward = self._config()
         if deterministic is None:
@@ -204,6 +207,7 @@ class DEQ(nn.Module):
         sol: Solution = solve_with_hints(
             f, z0, (variables, x), origin=origin, solver=solver, backward=backward,
             batch_axis=self.batch_axis, throw=self.throw, backward_stats=backward_stats,
+            max_steps=max_steps,
         )
         return sol if return_solution else sol.value
 

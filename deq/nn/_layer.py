@@ -511,6 +511,9 @@ class DEQ(nnx.Module):
       backward_stats: a `deq.BackwardStats.probe(...)` to receive this call's adjoint
         statistics as its cotangent; None uses the layer's `backward_probe` variable if
         `deq.nn.enable_backward_stats` gave it one (batch aggregates; `deq.train.fit` does).
+      max_steps: a runtime step budget up to the active solver's `max_steps`: an integer or a
+        traced integer scalar; changing it does not recompile a jitted model (see
+        `deq.fixed_point`). None runs up to the solver's `max_steps`.
 
     Returns:
       `z*` shaped like the state, or a `deq.Solution` when `return_solution=True` (stats per
@@ -607,7 +610,7 @@ class DEQ(nnx.Module):
 
     @strict_kwargs
     def __call__(self, x, z0=None, *, return_solution: bool = False, solver: Optional[AbstractSolver] = None,
-                 backward_stats=None):
+                 backward_stats=None, max_steps=None):
         solver = self.active_solver(solver)
         check_cell_input(self.cell, x, self.batch_axis)
         before_solve = getattr(self.cell, "before_solve", None)
@@ -623,7 +626,7 @@ class DEQ(nnx.Module):
         sol = solve_with_hints(
             _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
             backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
-            backward_stats=backward_stats,
+            backward_stats=backward_stats, max_steps=max_steps,
         )
         return sol if return_solution else sol.value
 
