@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +115,34 @@ def _check_budget(max_steps, solver):
     return jnp.asarray(max_steps, jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StatePart:
+    """`f(z, args)[0]` for a cell `f` returning `(z, aux)`; hashable (and equal) when `f` is, so
+    the compiled solve is reused across calls with the same `f`."""
+
+    f: Callable
+
+    def __call__(self, z, args):
+        return self.f(z, args)[0]
+
+
+def _split_aux(f, z0, args):
+    """Check that `f(z, args)` returns a pair `(z, aux)`; return the state part as a map."""
+    out = jax.eval_shape(f, z0, args)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = (f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list))
+               else _describe(out))
+        raise TypeError(
+            f"fixed_point: with has_aux=True `f` must return a pair (z, aux), got {got}. Return "
+            "`new_z, aux` from f (aux any pytree), or pass has_aux=False."
+        )
+    try:
+        hash(f)
+    except TypeError:
+        return lambda z, a: f(z, a)[0]
+    return _StatePart(f)
+
+
 def _check_rows(F, x0):
     """Raise a `deq.SolveError` (from compiled code) if `F` lets rows of its input reach other rows.
 
@@ -205,7 +236,7 @@ _impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6, 7))
 
 @strict_kwargs
 def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False,
-                check_batch=False, backward_stats=None, max_steps=None) -> Solution:
+                check_batch=False, backward_stats=None, max_steps=None, has_aux=False) -> Solution:
     r"""Solve `z* = f(z*, args)` and differentiate `z*` with respect to `args`.
 
     The forward pass runs `solver` from `z0` until `||f(z) - z|| <= atol + rtol ||f(z)||` (l2
@@ -245,6 +276,11 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
         since the compiled loop depends only on the solver's static `max_steps`. None (default)
         means `solver.max_steps`. Samples stopped by the budget report result MAX_STEPS. It
         applies to the forward solve only (the IFT adjoint keeps its own solver's limit).
+      has_aux: `f` returns a pair `(z, aux)` with `aux` any pytree (attention maps, a
+        regularization term of the cell); the solve uses `z`, and `Solution.aux` is
+        `f(value, args)[1]`, the auxiliary output at the returned iterate, computed by one more
+        evaluation of `f` after the solve and differentiable (through `value` by the backward
+        strategy, and through `args` directly).
 
     Returns:
       A `Solution` with `value` (shaped like `z0`) and `stats` (`num_steps`, `residual_norm`,
@@ -262,6 +298,13 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
       >>> jax.grad(lambda p: deq.fixed_point(f, jnp.zeros(3), p).value.sum())(p)["x"].shape
       (3,)
 
+      An auxiliary output of the cell, at the fixed point:
+
+      >>> g = lambda z, p: (f(z, p), jnp.sum(z ** 2))
+      >>> sol = deq.fixed_point(g, jnp.zeros(3), p, has_aux=True)
+      >>> bool(jnp.allclose(sol.aux, jnp.sum(sol.value ** 2)))
+      True
+
       A runtime step budget (one compilation serves every budget):
 
       >>> solve = jax.jit(lambda k: deq.fixed_point(f, jnp.zeros(3), p, max_steps=k).stats.num_steps)
@@ -274,6 +317,15 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
     solver = Anderson() if solver is None else solver
     backward = IFT() if backward is None else backward
     z0 = jax.tree_util.tree_map(jnp.asarray, z0)
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"fixed_point: `has_aux` must be a bool, got {has_aux!r}. Pass True when f returns (z, aux).")
+    if has_aux:
+        if not callable(f):
+            raise TypeError(f"fixed_point: `f` must be callable as f(z, args) -> (z, aux), got {type(f).__name__}.")
+        sol = fixed_point(_split_aux(f, z0, args), z0, args, solver=solver, backward=backward,
+                          batch_axis=batch_axis, throw=throw, check_batch=check_batch,
+                          backward_stats=backward_stats, max_steps=max_steps)
+        return dataclasses.replace(sol, aux=f(sol.value, args)[1])
     budget = _check_budget(max_steps, solver) if isinstance(solver, AbstractSolver) else max_steps
     call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget)
     try:

@@ -132,10 +132,13 @@ class Solution:
       value: pytree shaped like `z0`: the lowest-residual finite iterate seen (for a converged
         sample, the iterate that passed the stopping test).
       stats: a `Stats` with the forward solve's statistics.
+      aux: with `has_aux=True`, the auxiliary output of `f` at the returned iterate,
+        `f(value, args)[1]` (differentiable); None otherwise.
     """
 
     value: Any
     stats: Stats
+    aux: Any = None
 
 
 def _summary(num_steps, residual, converged, result, what: str) -> str:
