@@ -10,6 +10,8 @@ Solving
         the one entry point: returns a Solution; composes with jit, vmap and grad.
     fixed_point_stream(f, z0, args, xs, *, solver, slots=64)
         inference over a dataset by continuous batching: slots refilled as samples converge.
+    fixed_point_compact(f, z0, args, xs, *, solver, backward=IFT(), buckets=3)
+        a training batch whose active rows shrink into smaller buckets; IFT gradients.
 Solvers (forward; every one takes rtol, atol, max_steps)
     Anderson, Broyden, FixedPointIteration  -- type-II Anderson, limited-memory Broyden, damped iteration
     ReversibleIteration(damping=0.5)        -- the reversible coupled iteration (pairs with Reversible)
@@ -52,6 +54,7 @@ Submodules
 
 from ._fixed_point import fixed_point as fixed_point
 from ._stream import fixed_point_stream as fixed_point_stream
+from ._compact import fixed_point_compact as fixed_point_compact
 from ._errors import SolveError as SolveError
 from ._errors import clean_errors as clean_errors
 from ._solution import RESULTS as RESULTS
