@@ -729,7 +729,7 @@ def reference_grad_fn(z0_shape) -> Callable:
     import deq
 
     solver = deq.Anderson(rtol=0.0, atol=1e-5, max_steps=MAX_STEPS)
-    backward = deq.IFT(solver=deq.GMRES(rtol=1e-7, atol=0.0, max_steps=50, restart=30))
+    backward = deq.IFT(solver=deq.GMRES(rtol=1e-7, atol=0.0, max_steps=1500, restart=30))
 
     def loss(W, U, b, x):
         sol = deq.fixed_point(cell, jnp.zeros(z0_shape, jnp.float32), (W, U, b, x), solver=solver,

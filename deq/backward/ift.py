@@ -134,9 +134,10 @@ class IFT(AbstractBackward):
         g_norm = row_norm(g)
         if isinstance(self.solver, GMRES):
             s = self.solver
+            restart, maxiter = s.cycles()  # max_steps counts products, as in every solver
             u, _ = jax.scipy.sparse.linalg.gmres(
                 lambda u: u - vjp_x(u), g, x0=g, tol=s.rtol, atol=s.atol,
-                restart=s.restart, maxiter=s.max_steps, solve_method="batched",
+                restart=restart, maxiter=maxiter, solve_method="batched",
             )
             hu = h(u)
             res = row_norm(hu - u)

@@ -19,7 +19,9 @@ class GMRES:
     Args:
       rtol: relative tolerance (`tol` of `jax.scipy.sparse.linalg.gmres`).
       atol: absolute tolerance.
-      max_steps: most restart cycles (`maxiter`).
+      max_steps: most matrix-vector (vector-Jacobian) products, as `max_steps` counts
+        evaluations in every other solver; rounded up to whole restart cycles of
+        `min(restart, max_steps)` products (`maxiter = ceil(max_steps / restart)`).
       restart: Krylov subspace size per cycle.
 
     Example:
@@ -36,9 +38,23 @@ class GMRES:
 
     rtol: float = 1e-6
     atol: float = 1e-8
-    max_steps: int = 20
+    max_steps: int = 400
     restart: int = 20
 
     def __post_init__(self):
         check_tolerances(self)
         check_positive_int(type(self).__name__, "restart", self.restart, example=20)
+
+    def cycles(self) -> tuple[int, int]:
+        """`(restart, maxiter)` for `jax.scipy.sparse.linalg.gmres`: cycles of at most
+        `restart` products, enough of them to reach `max_steps` products (rounded up).
+
+        Example:
+          >>> import deq
+          >>> deq.GMRES(max_steps=20, restart=20).cycles(), deq.GMRES(max_steps=50, restart=20).cycles()
+          ((20, 1), (20, 3))
+          >>> deq.GMRES(max_steps=5, restart=20).cycles()
+          (5, 1)
+        """
+        restart = min(self.restart, self.max_steps)
+        return restart, -(-self.max_steps // restart)
