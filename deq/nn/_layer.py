@@ -135,9 +135,11 @@ _ADVICE_BATCHSTAT = (
 )
 _ADVICE_RNG = (
     "Random draws inside the cell (e.g. nnx.Dropout with nnx.Rngs) would give a different mask "
-    "at every solver step. Draw the dropout mask once per forward pass outside the solve and "
-    "pass it in x (e.g. x = (features, mask), applied inside the cell as features * mask), or "
-    "put nnx.Dropout before or after the DEQ layer; do not store nnx.Rngs in the cell."
+    "at every solver step. Use deq.nn.VariationalDropout(rate, rngs=...) in the cell instead: "
+    "one mask per forward pass, held fixed over all solver steps (DEQ resamples it before each "
+    "training-mode solve). Or draw the dropout mask once per forward pass outside the solve and "
+    "pass it in x, or put nnx.Dropout before or after the DEQ layer; do not store nnx.Rngs in "
+    "the cell."
 )
 _ADVICE_CACHE = (
     "Caches and intermediates written during the call (nnx.Cache, nnx.Intermediate, sow) are "
@@ -467,8 +469,10 @@ class DEQ(nnx.Module):
     may hold only `nnx.Param` and `deq.nn.SolverConstant` variables, read-only during the solve;
     cells with `nnx.BatchNorm`, `nnx.Dropout`/`nnx.Rngs`, `nnx.Cache` or intermediates are
     refused with a `ValueError` (at construction and at each call) saying what to use instead
-    (`nnx.LayerNorm`/`nnx.GroupNorm`; a dropout mask drawn once per forward pass outside the
-    solve and passed in `x`). Two optional methods are used if the cell defines them:
+    (`nnx.LayerNorm`/`nnx.GroupNorm`; `deq.nn.VariationalDropout`, whose mask is drawn once
+    per forward pass: the layer resamples every `VariationalDropout` in the cell before each
+    solve, outside it, and eval mode turns them off). Two optional methods are used if the cell
+    defines them:
 
     - `init_state(x) -> z0`: the initial state for input `x` (e.g. zeros of shape
       `(batch, hidden)`). Without it, when `z0` is not given, the layer assumes the state has
@@ -616,6 +620,9 @@ class DEQ(nnx.Module):
         before_solve = getattr(self.cell, "before_solve", None)
         if callable(before_solve):
             before_solve(x)
+        from .dropout import resample_dropout  # deq.nn.dropout imports this module
+
+        resample_dropout(self.cell)  # one new mask per forward pass (none in eval mode)
         check_cell(self.cell)
         z0, origin = initial_state("DEQ", self.cell, x, z0, self.batch_axis)
         graphdef, state = nnx.split(self.cell)

@@ -30,6 +30,15 @@ explicit networks with the same encoder and head, started from `z_0 = 0`:
 
 Matching is printed, not assumed: use `count_params` and `param_table`.
 
+**Language models.** Three causal character/token LMs built from the same block
+(`TransformerCell`: pre-LN, input injection, causal attention) with the same embedding and
+head: `TransformerDEQLM` (the block as a DEQ cell), `UnrolledTransformerLM` (the same block
+applied `depth` times with tied weights, ordinary backprop; exactly the DEQ's parameters) and
+`TransformerLM` (`depth` untied blocks; `TransformerLM.matched(count_params(deq_lm), ...)`
+picks the width with the DEQ's parameter count). Each takes `dropout=p`: a
+`deq.nn.VariationalDropout` on the block's output, one mask per forward pass shared by all
+positions and all solver steps (or all unrolled applications of the tied block).
+
 **Defaults and training notes.** DEQ models solve with `default_solver()` (Anderson, rtol 1e-3,
 at most 30 steps) and differentiate with `default_backward()` (IFT with an Anderson adjoint,
 rtol 1e-3, at most 30 steps). In our check on sklearn digits, `DEQClassifier(64, 128, 10)` with
@@ -65,10 +74,13 @@ __all__ = [
     "ResNetClassifier",
     "TransformerDEQClassifier",
     "TransformerDEQLM",
+    "TransformerLM",
     "UnrolledClassifier",
+    "UnrolledTransformerLM",
     "count_params",
     "matched_conv_resnet_channels",
     "matched_resnet_hidden",
+    "matched_transformer_width",
     "matched_width",
     "param_table",
 ]
@@ -618,7 +630,82 @@ class MultiscaleDEQClassifier(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class TransformerDEQClassifier(nnx.Module):
+class _DroppedBlock(nnx.Module):
+    """A cell followed by a `VariationalDropout` on its output: `z -> drop(cell(z, x))`.
+
+    The mask is shared over the positions (axis 1) and drawn once per forward pass
+    (`deq.nn.DEQ` resamples it before each training-mode solve; explicit models call
+    `resample_dropout` at the start of their `__call__`)."""
+
+    def __init__(self, cell, rate: float, rngs: nnx.Rngs):
+        from .dropout import VariationalDropout
+
+        self.cell = cell
+        self.drop = VariationalDropout(rate, rngs=rngs, broadcast_axes=(1,))
+
+    def check_input(self, x, *, batched: bool = True):
+        return self.cell.check_input(x, batched=batched)
+
+    def init_state(self, x):
+        return self.cell.init_state(x)
+
+    def __call__(self, z, x):
+        return self.drop(self.cell(z, x))
+
+
+def _lm_block(owner, d_model, num_heads, rngs, mlp_ratio, init_scale, dropout):
+    """The LM models' block: a causal `TransformerCell`, with variational dropout if `dropout > 0`."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{owner}: `dropout` must be a number in [0, 1), got {dropout!r}. Pass e.g. dropout=0.1.")
+    cell = TransformerCell(d_model, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, causal=True, init_scale=init_scale)
+    return _DroppedBlock(cell, float(dropout), rngs) if dropout > 0 else cell
+
+
+class _SequenceInput(nnx.Module):
+    """Token checks and the injection `u = E[x] + P` shared by the sequence models."""
+
+    def _inject(self, tokens):
+        tokens = self._check_tokens(tokens)
+        T = tokens.shape[1]
+        if T > self.max_len:
+            raise ValueError(
+                f"{type(self).__name__}: `tokens` has sequence length {T} (shape {tuple(tokens.shape)}), "
+                f"which exceeds max_len={self.max_len}; build the model with max_len>={T} or cut the sequences."
+            )
+        if self.vocab_size is not None:
+            # Out-of-range ids would be clamped or wrapped (-1 reads the last row) by the lookup:
+            # map them past the table, where the lookup returns NaN, so the solve reports
+            # non-convergence instead of a plausible answer.
+            bad = (tokens < 0) | (tokens >= self.vocab_size)
+            tokens = jnp.where(bad, self.vocab_size, tokens)
+        return tokens, self.embed(tokens) + self.pos[...][:T]
+
+    def _check_tokens(self, tokens):
+        owner = type(self).__name__
+        if self.vocab_size is None:
+            return check_input(
+                owner, tokens, layout=f"(B, T, {self.in_features})", ndim=3, last=self.in_features,
+                name="tokens", fix=f"Pass float features of shape (B, T, {self.in_features}) (e.g. bits[..., None]).",
+            )
+        fix = "For float features (B, T, F) build the model with vocab_size=None, in_features=F."
+        tokens = check_input(owner, tokens, layout="(B, T)", ndim=2, dtype=None, name="tokens", fix=fix)
+        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise TypeError(
+                f"{owner}: `tokens` must be integer token ids in [0, vocab_size={self.vocab_size}) of shape "
+                f"(B, T), got {jnp.dtype(jnp.result_type(tokens)).name}{list(jnp.shape(tokens))}. {fix}"
+            )
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if lo < 0 or hi >= self.vocab_size:
+                fix = ("remove the negative ids (padding or masks)" if lo < 0
+                       else f"build the model with vocab_size>={hi + 1}")
+                raise ValueError(
+                    f"{owner}: `tokens` must be ids in [0, vocab_size={self.vocab_size}), got values in "
+                    f"[{lo}, {hi}]. Encode the text with the model's vocabulary, or {fix}."
+                )
+        return jnp.asarray(tokens)
+
+class TransformerDEQClassifier(_SequenceInput):
     r"""Transformer DEQ on sequences: embedding -> DEQ(`TransformerCell`) -> `Linear` head.
 
     .. math::
@@ -648,6 +735,8 @@ class TransformerDEQClassifier(nnx.Module):
       eval_solver: solver in eval mode; None uses `solver`.
       in_features: feature size of float inputs, with `vocab_size=None`.
       init_scale: passed to `TransformerCell`.
+      dropout: rate of a `deq.nn.VariationalDropout` on the cell's output (one mask per
+        forward pass, shared by positions and solver steps; needs `causal=True`); 0 = none.
 
     Returns:
       Calling the model on int tokens `(B, T)` (or float features `(B, T, in_features)`) returns
@@ -673,7 +762,7 @@ class TransformerDEQClassifier(nnx.Module):
     def __init__(self, vocab_size: int | None, d_model: int, num_heads: int, num_classes: int, *,
                  rngs: nnx.Rngs, max_len: int = 512, mlp_ratio: int = 4, causal: bool = False,
                  per_token: bool = False, solver=None, backward=None, eval_solver=None,
-                 in_features: int | None = None, init_scale: float = 0.1):
+                 in_features: int | None = None, init_scale: float = 0.1, dropout: float = 0.0):
         owner = type(self).__name__
         if (vocab_size is None) == (in_features is None):
             raise ValueError(
@@ -694,55 +783,22 @@ class TransformerDEQClassifier(nnx.Module):
         else:
             self.embed = nnx.Linear(in_features, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
-        cell = TransformerCell(d_model, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, causal=causal,
-                               init_scale=init_scale)
+        if dropout and not causal:
+            raise ValueError(f"{owner}: `dropout` is only supported with causal=True, got dropout={dropout!r}.")
+        if dropout:
+            cell = _lm_block(owner, d_model, num_heads, rngs, mlp_ratio, init_scale, dropout)
+        else:
+            cell = TransformerCell(d_model, num_heads, rngs=rngs, mlp_ratio=mlp_ratio, causal=causal,
+                                   init_scale=init_scale)
         self.deq = _make_deq(cell, solver, backward, eval_solver)
         self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 
     def __call__(self, tokens):
-        tokens = self._check_tokens(tokens)
-        T = tokens.shape[1]
-        if T > self.max_len:
-            raise ValueError(
-                f"{type(self).__name__}: `tokens` has sequence length {T} (shape {tuple(tokens.shape)}), "
-                f"which exceeds max_len={self.max_len}; build the model with max_len>={T} or cut the sequences."
-            )
-        if self.vocab_size is not None:
-            # Out-of-range ids would be clamped or wrapped (-1 reads the last row) by the lookup:
-            # map them past the table, where the lookup returns NaN, so the solve reports
-            # non-convergence instead of a plausible answer.
-            bad = (tokens < 0) | (tokens >= self.vocab_size)
-            tokens = jnp.where(bad, self.vocab_size, tokens)
-        u = self.embed(tokens) + self.pos[...][:T]
+        tokens, u = self._inject(tokens)
         z, info = _solve(self.deq, u, type(self).__name__, tokens)
         if not self.per_token:
             z = z[:, -1] if self.causal else jnp.mean(z, axis=1)
         return self.head(z), info
-
-    def _check_tokens(self, tokens):
-        owner = type(self).__name__
-        if self.vocab_size is None:
-            return check_input(
-                owner, tokens, layout=f"(B, T, {self.in_features})", ndim=3, last=self.in_features,
-                name="tokens", fix=f"Pass float features of shape (B, T, {self.in_features}) (e.g. bits[..., None]).",
-            )
-        fix = "For float features (B, T, F) build the model with vocab_size=None, in_features=F."
-        tokens = check_input(owner, tokens, layout="(B, T)", ndim=2, dtype=None, name="tokens", fix=fix)
-        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
-            raise TypeError(
-                f"{owner}: `tokens` must be integer token ids in [0, vocab_size={self.vocab_size}) of shape "
-                f"(B, T), got {jnp.dtype(jnp.result_type(tokens)).name}{list(jnp.shape(tokens))}. {fix}"
-            )
-        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
-            if lo < 0 or hi >= self.vocab_size:
-                fix = ("remove the negative ids (padding or masks)" if lo < 0
-                       else f"build the model with vocab_size>={hi + 1}")
-                raise ValueError(
-                    f"{owner}: `tokens` must be ids in [0, vocab_size={self.vocab_size}), got values in "
-                    f"[{lo}, {hi}]. Encode the text with the model's vocabulary, or {fix}."
-                )
-        return jnp.asarray(tokens)
 
 
 class TransformerDEQLM(TransformerDEQClassifier):
@@ -762,6 +818,8 @@ class TransformerDEQLM(TransformerDEQClassifier):
       backward: backward strategy (default `deq.nn.models.default_backward()`).
       eval_solver: solver in eval mode; None uses `solver`.
       init_scale: passed to `TransformerCell`.
+      dropout: rate of a `deq.nn.VariationalDropout` on the cell's output (one mask per
+        forward pass, shared by positions and solver steps); 0 = none.
 
     Returns:
       Calling the model on int tokens `(B, T)` returns `(logits (B, T, vocab_size), info)`.
@@ -780,11 +838,164 @@ class TransformerDEQLM(TransformerDEQClassifier):
     """
 
     def __init__(self, vocab_size: int, d_model: int, num_heads: int, *, rngs: nnx.Rngs, max_len: int = 512,
-                 mlp_ratio: int = 4, solver=None, backward=None, eval_solver=None, init_scale: float = 0.1):
+                 mlp_ratio: int = 4, solver=None, backward=None, eval_solver=None, init_scale: float = 0.1,
+                 dropout: float = 0.0):
         _check_int("TransformerDEQLM", "vocab_size", vocab_size)
         super().__init__(vocab_size, d_model, num_heads, vocab_size, rngs=rngs, max_len=max_len,
                          mlp_ratio=mlp_ratio, causal=True, per_token=True, solver=solver,
-                         backward=backward, eval_solver=eval_solver, init_scale=init_scale)
+                         backward=backward, eval_solver=eval_solver, init_scale=init_scale, dropout=dropout)
+
+
+class _ExplicitLM(_SequenceInput):
+    """Embedding, position table and head of the explicit LMs (the DEQ LM's, same shapes)."""
+
+    def _init_io(self, owner, vocab_size, d_model, num_heads, depth, max_len, rngs):
+        for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("num_heads", num_heads),
+                        ("depth", depth), ("max_len", max_len)):
+            _check_int(owner, name, v)
+        self.vocab_size, self.in_features, self.d_model = vocab_size, None, d_model
+        self.num_classes, self.max_len, self.depth = vocab_size, max_len, depth
+        self.causal, self.per_token = True, True
+        self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
+
+    def __call__(self, tokens):
+        from .dropout import resample_dropout
+
+        _, u = self._inject(tokens)
+        check_nonempty_batch(type(self).__name__, u)
+        resample_dropout(self)  # one mask per forward pass (a no-op in eval mode)
+        z = jnp.zeros_like(u)
+        for block in self._blocks():
+            z = block(z, u)
+        return self.head(z), _depth_info(self.depth)
+
+
+class UnrolledTransformerLM(_ExplicitLM):
+    r"""The DEQ language model's weight-tied twin: the same block applied `depth` times.
+
+    .. math::
+        u_t = E[x_t] + P_t, \qquad z^{(0)} = 0, \qquad z^{(k+1)} = f_\theta(z^{(k)}, u), \qquad
+        \text{logits}_t = V z_t^{(K)} + c,
+
+    with `f_theta` the causal `TransformerCell` of `TransformerDEQLM` and one set of weights
+    for all `K = depth` applications, trained by ordinary backprop (memory linear in `K`). It
+    has exactly the DEQ LM's parameters and structure (`embed`, `pos`, the cell, `head`), so a
+    DEQ LM's state can be loaded into it: the twin is the DEQ solved by `K` steps of
+    fixed-point iteration from zero.
+
+    Args:
+      vocab_size: number of token ids.
+      d_model: model width.
+      num_heads: attention heads.
+      depth: applications `K` of the block.
+      rngs: random key source.
+      max_len: longest sequence accepted.
+      mlp_ratio: MLP expansion factor of the block.
+      init_scale: passed to `TransformerCell`.
+      dropout: rate of a `deq.nn.VariationalDropout` on the block's output, one mask per
+        forward pass shared by all `K` applications and positions; 0 = none.
+
+    Returns:
+      Calling the model on int tokens `(B, T)` returns `(logits (B, T, vocab_size), {"depth": K})`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deq.nn.models import TransformerDEQLM, UnrolledTransformerLM, count_params
+      >>> twin = UnrolledTransformerLM(30, 16, 2, depth=4, max_len=32, rngs=nnx.Rngs(0))
+      >>> print(twin(jnp.zeros((2, 8), jnp.int32))[0].shape)
+      (2, 8, 30)
+      >>> count_params(twin) == count_params(TransformerDEQLM(30, 16, 2, max_len=32, rngs=nnx.Rngs(0)))
+      True
+
+    References:
+      Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019 (the weight-tied baseline).
+      Dehghani et al., "Universal Transformers", ICLR 2019.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, num_heads: int, depth: int = 6, *, rngs: nnx.Rngs,
+                 max_len: int = 512, mlp_ratio: int = 4, init_scale: float = 0.1, dropout: float = 0.0):
+        owner = "UnrolledTransformerLM"
+        self._init_io(owner, vocab_size, d_model, num_heads, depth, max_len, rngs)
+        self.cell = _lm_block(owner, d_model, num_heads, rngs, mlp_ratio, init_scale, dropout)
+        self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
+
+    def _blocks(self):
+        return [self.cell] * self.depth
+
+
+class TransformerLM(_ExplicitLM):
+    r"""An explicit causal Transformer LM: `depth` untied copies of the DEQ LM's block.
+
+    .. math::
+        u_t = E[x_t] + P_t, \qquad z^{(0)} = 0, \qquad z^{(k+1)} = f_{\theta_k}(z^{(k)}, u), \qquad
+        \text{logits}_t = V z_t^{(K)} + c,
+
+    each `f_{theta_k}` a causal `TransformerCell` (pre-LN, input injection, causal attention)
+    with its own weights. At equal width it has about `depth` times the DEQ's block
+    parameters; `TransformerLM.matched(count_params(deq_lm), ...)` builds the width (a
+    multiple of `num_heads`) whose count is closest to the DEQ's.
+
+    Args:
+      vocab_size: number of token ids.
+      d_model: model width.
+      num_heads: attention heads.
+      depth: number of blocks `K`.
+      rngs: random key source.
+      max_len: longest sequence accepted.
+      mlp_ratio: MLP expansion factor of the blocks.
+      init_scale: passed to each `TransformerCell`.
+      dropout: rate of a `deq.nn.VariationalDropout` on each block's output (one mask per
+        block and forward pass, shared by positions); 0 = none.
+
+    Returns:
+      Calling the model on int tokens `(B, T)` returns `(logits (B, T, vocab_size), {"depth": K})`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deq.nn.models import TransformerDEQLM, TransformerLM, count_params
+      >>> target = count_params(TransformerDEQLM(30, 32, 2, max_len=32, rngs=nnx.Rngs(0)))
+      >>> lm = TransformerLM.matched(target, 30, 2, depth=4, max_len=32, rngs=nnx.Rngs(0))
+      >>> print(lm.d_model, lm(jnp.zeros((2, 8), jnp.int32))[0].shape)
+      16 (2, 8, 30)
+
+    References:
+      Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
+      Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, num_heads: int, depth: int = 6, *, rngs: nnx.Rngs,
+                 max_len: int = 512, mlp_ratio: int = 4, init_scale: float = 0.1, dropout: float = 0.0):
+        owner = "TransformerLM"
+        self._init_io(owner, vocab_size, d_model, num_heads, depth, max_len, rngs)
+        self.blocks = nnx.List([_lm_block(owner, d_model, num_heads, rngs, mlp_ratio, init_scale, dropout)
+                                for _ in range(depth)])
+        self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
+
+    def _blocks(self):
+        return list(self.blocks)
+
+    @classmethod
+    def matched(cls, target_params: int, vocab_size: int, num_heads: int, depth: int = 6, *, rngs: nnx.Rngs,
+                **kwargs) -> "TransformerLM":
+        """A `TransformerLM` whose width (a multiple of `num_heads`) gives the parameter count
+        closest to `target_params` (see `matched_transformer_width`).
+
+        Args:
+          target_params: the count to match, e.g. `count_params(deq_lm)`.
+          vocab_size: number of token ids.
+          num_heads: attention heads.
+          depth: number of blocks.
+          rngs: random key source.
+          **kwargs: other constructor arguments (`max_len`, `mlp_ratio`, `init_scale`, `dropout`).
+
+        Returns:
+          The model.
+        """
+        d = matched_transformer_width(target_params, vocab_size, num_heads, depth, **kwargs)
+        return cls(vocab_size, d, num_heads, depth, rngs=rngs, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -969,6 +1180,34 @@ def matched_conv_resnet_channels(target_params: int, in_channels: int, num_class
     return matched_width(
         lambda c: ConvResNetClassifier(in_channels, c, num_classes, depth, rngs=nnx.Rngs(0), **kwargs),
         target_params, multiple_of=multiple_of, hi=1024,
+    )
+
+
+def matched_transformer_width(target_params: int, vocab_size: int, num_heads: int, depth: int, **kwargs) -> int:
+    """The `TransformerLM` width (a multiple of `num_heads`) with the parameter count closest to
+    `target_params`.
+
+    Args:
+      target_params: the count to match, e.g. `count_params(TransformerDEQLM(...))`.
+      vocab_size: number of token ids.
+      num_heads: attention heads (the width is a multiple of it).
+      depth: number of blocks.
+      **kwargs: other `TransformerLM` arguments (`max_len`, `mlp_ratio`).
+
+    Returns:
+      The width `d_model`.
+
+    Example:
+      >>> from flax import nnx
+      >>> from deq.nn.models import TransformerDEQLM, count_params, matched_transformer_width
+      >>> target = count_params(TransformerDEQLM(98, 64, 4, max_len=128, rngs=nnx.Rngs(0)))
+      >>> print(target, matched_transformer_width(target, 98, 4, depth=4, max_len=128))
+      70946 36
+    """
+    _check_int("matched_transformer_width", "num_heads", num_heads)
+    return matched_width(
+        lambda w: TransformerLM(vocab_size, w, num_heads, depth, rngs=nnx.Rngs(0), **kwargs), target_params,
+        multiple_of=num_heads,
     )
 
 
