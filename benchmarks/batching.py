@@ -6,9 +6,11 @@ Run ``python -m benchmarks.batching --profile smoke|quick|full`` (``--out DIR``,
 A plain batched solve (``deq.fixed_point(..., batch_axis=0)``) evaluates ``f`` on the whole
 batch until its slowest sample stops. Measured side by side, in one run:
 
-* ``plain``: the dataset in batches of ``B`` (one jitted solve per batch, as an evaluation loop
-  does), the cost set by each batch's largest step count;
-* ``stream_<S>``: ``deq.fixed_point_stream`` over the whole dataset with ``S`` slots;
+* ``plain``: the dataset in batches of ``B``, solved one batch after another by
+  ``deq.fixed_point(..., batch_axis=0)`` inside one compiled ``lax.map`` (no Python dispatch per
+  batch is counted), the cost set by each batch's largest step count;
+* ``stream_<S>``: ``deq.fixed_point_stream`` over the whole dataset with ``S`` slots (its default
+  tail compaction, ``tail_buckets=4``); ``stream_<B>_no_tail`` with ``tail_buckets=0``;
 * ``compact``: a training batch of ``B`` through ``deq.fixed_point_compact`` (buckets ``B``,
   ``B/2``, ``B/4``, ``B/8``) against the plain solve of that batch, forward alone and forward +
   IFT backward (``jax.grad``), over several batches.
@@ -165,28 +167,32 @@ def run_synthetic(st: dict[str, Any], seed: int) -> dict[str, Any]:
     N, n, B, repeats = st["N"], st["n"], st["B"], st["repeats"]
     W, xs, z0 = synthetic_problem(N, n, seed)
     solver = deq.FixedPointIteration(rtol=TOL, atol=0.0, max_steps=st["max_steps"])
-    solve_batch = jax.jit(lambda z, W, xs: deq.fixed_point(_plain_f, z, (W, xs), batch_axis=0, solver=solver))
     batches = [(z0[i:i + B], jax.tree_util.tree_map(lambda a: a[i:i + B], xs)) for i in range(0, N, B)]
-
-    def plain_all():
-        return [solve_batch(z, W, x) for z, x in batches]
+    stack = lambda a: a.reshape((N // B, B) + a.shape[1:])  # noqa: E731
+    zb, xsb = stack(z0), jax.tree_util.tree_map(stack, xs)
+    # The plain solve of every batch, one after another, in one compiled program (lax.map), so
+    # that no Python dispatch per batch is counted against it.
+    plain_all = jax.jit(lambda zb, W, xsb: jax.lax.map(
+        lambda a: deq.fixed_point(_plain_f, a[0], (W, a[1]), batch_axis=0, solver=solver), (zb, xsb)))
 
     C.say(f"synthetic: plain, {N} samples in batches of {B}")
-    plain = best_time(plain_all, repeats)
-    sols = plain_all()
-    p_steps = np.concatenate([np.asarray(s.stats.num_steps) for s in sols])
-    p_value = np.concatenate([np.asarray(s.value) for s in sols])
-    p_conv = np.concatenate([np.asarray(s.stats.converged) for s in sols])
+    plain = best_time(lambda: plain_all(zb, W, xsb), repeats)
+    sol = plain_all(zb, W, xsb)
+    p_steps = np.asarray(sol.stats.num_steps).reshape(-1)
+    p_value = np.asarray(sol.value).reshape(N, n)
+    p_conv = np.asarray(sol.stats.converged).reshape(-1)
     stats = step_stats(p_steps, B)
     stats["converged_frac"] = float(p_conv.mean())
     res: dict[str, Any] = {"settings": {"N": N, "n": n, "B": B, "solver": repr(solver), "alpha": ALPHA,
                                         "t_min": T_MIN, "dtype": "float32"},
                            "steps": stats, "plain": {**plain, "samples_per_s": N / plain["time_s"],
-                                                     "temp_bytes": xla_mem(solve_batch, *batches[0][:1], W, batches[0][1])}}
+                                                     "temp_bytes": xla_mem(plain_all, zb, W, xsb)}}
     stream = {}
-    for S in st["slots"]:
-        C.say(f"synthetic: stream, {S} slots")
-        run = jax.jit(lambda z, W, xs, S=S: deq.fixed_point_stream(synthetic_cell, z, W, xs, solver=solver, slots=S))
+    for S, tail in [(S, 4) for S in st["slots"]] + [(B, 0)]:
+        key = f"stream_{S}" + ("" if tail else "_no_tail")
+        C.say(f"synthetic: {key}")
+        run = jax.jit(lambda z, W, xs, S=S, tail=tail: deq.fixed_point_stream(
+            synthetic_cell, z, W, xs, solver=solver, slots=S, tail_buckets=tail))
         r = best_time(lambda: run(z0, W, xs), repeats)
         sol = run(z0, W, xs)
         r.update(samples_per_s=N / r["time_s"],
@@ -194,7 +200,7 @@ def run_synthetic(st: dict[str, Any], seed: int) -> dict[str, Any]:
                  identical_converged=bool(np.array_equal(np.asarray(sol.stats.converged), p_conv)),
                  max_value_diff=float(np.max(np.abs(np.asarray(sol.value) - p_value))),
                  temp_bytes=xla_mem(run, z0, W, xs))
-        stream[f"stream_{S}"] = r
+        stream[key] = r
     res["stream"] = stream
     res["vs_plain"] = compare(plain["time_s"], N, stream, stats)
     res["compact"] = run_compact_synthetic(st, W, batches, solver)
@@ -249,6 +255,7 @@ def run_compact_synthetic(st, W, batches, solver) -> dict[str, Any]:
 
 def run_model(dname: str, profile: str, st: dict[str, Any], seed: int) -> dict[str, Any]:
     from benchmarks import deq_vs_explicit as DVE
+    from deq.nn._layer import _CellMap
     from deq.nn._stream import _StreamCell
 
     dst = DVE.dataset_settings(profile, dname)
@@ -268,19 +275,23 @@ def run_model(dname: str, profile: str, st: dict[str, Any], seed: int) -> dict[s
     u = model._encode(x)
     N, B, repeats = len(x), dst["batch_size"], st["repeats"]
     B_eval = st["B"] if N >= 2 * st["B"] else B
-    batches = [u[i:i + B_eval] for i in range(0, N, B_eval)]
-
-    def plain_all():
-        return [layer(b, return_solution=True) for b in batches]
+    graphdef, state = nnx.split(layer.cell)
+    cellmap, solver = _CellMap(graphdef), layer.active_solver()
+    nb = -(-N // B_eval)
+    pad = jnp.concatenate([u, u[: nb * B_eval - N]]) if nb * B_eval > N else u  # repeat samples to fill
+    ub = pad.reshape((nb, B_eval) + u.shape[1:])
+    plain_all = jax.jit(lambda state, ub: jax.lax.map(
+        lambda b: deq.fixed_point(cellmap, layer.cell.init_state(b), (state, b), batch_axis=0, solver=solver), ub))
 
     C.say(f"{dname}: plain, {N} test samples in batches of {B_eval}")
-    plain = best_time(plain_all, repeats)
-    sols = plain_all()
-    p_steps = np.concatenate([np.asarray(s.stats.num_steps) for s in sols])
-    p_z = jnp.concatenate([s.value for s in sols])
+    plain = best_time(lambda: plain_all(state, ub), repeats)
+    sol = plain_all(state, ub)
+    p_steps = np.asarray(sol.stats.num_steps).reshape(-1)[:N]
+    p_z = sol.value.reshape((nb * B_eval,) + sol.value.shape[2:])[:N]
+    p_conv = np.asarray(sol.stats.converged).reshape(-1)[:N]
     p_pred = np.asarray(model.head(p_z).argmax(-1))
     stats = step_stats(p_steps, B_eval)
-    stats["converged_frac"] = float(np.mean(np.concatenate([np.asarray(s.stats.converged) for s in sols])))
+    stats["converged_frac"] = float(p_conv.mean())
     res: dict[str, Any] = {
         "settings": {"N_test": N, "B": B_eval, "hidden": dst["hidden"], "epochs": dst["epochs"],
                      "solver": repr(layer.active_solver()), "train_time_s": train_s,
@@ -302,7 +313,6 @@ def run_model(dname: str, profile: str, st: dict[str, Any], seed: int) -> dict[s
     res["stream"] = stream
     res["vs_plain"] = compare(plain["time_s"], N, stream, stats)
     # compaction on training batches of the training batch size, with the trained cell
-    graphdef, state = nnx.split(layer.cell)
     f = _StreamCell(graphdef)
     train_solver = layer.solver
     xt = jnp.asarray(ds.x_train)
@@ -340,7 +350,7 @@ def plot(results: dict[str, Any], out) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         r = results[name]
-        labels = ["plain"] + [k.replace("stream_", "stream ") for k in r["stream"]]
+        labels = ["plain"] + [k.replace("stream_", "stream ").replace("_no_tail", " no tail") for k in r["stream"]]
         vals = [r["plain"]["samples_per_s"]] + [v["samples_per_s"] for v in r["stream"].values()]
         ax.bar(range(len(vals)), vals, color=["gray"] + ["C0"] * (len(vals) - 1))
         ideal = r["plain"]["samples_per_s"] * r["steps"]["ideal_speedup"]

@@ -13,9 +13,7 @@ the full batch at `z*`: the forward value, statistics and gradients equal those 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +23,9 @@ from ._api import strict_kwargs
 from ._errors import clean_errors
 from ._loop import LoopOutput
 from ._solution import Solution, Stats
-from ._stream import (check_output, check_per_sample, final_outputs, hashable, init_rows, step_rows, take_rows,
-                      update_rows)
-from ._tree import row_norm, row_norms
+from ._stream import (check_output, check_per_sample, convert_per_size, final_outputs, halvings, hashable,
+                      init_rows, packed_map, run_buckets)
+from ._tree import row_norm
 from .backward import IFT
 from .backward._base import report
 from .solvers import Anderson
@@ -44,7 +42,7 @@ def bucket_sizes(owner: str, B: int, buckets) -> tuple:
         if buckets < 0:
             raise ValueError(f"{owner}: `buckets` must be >= 0 halvings, got {buckets}. Pass e.g. buckets=3 "
                              "(0 runs the whole solve on the full batch).")
-        sizes = [math.ceil(B / 2 ** k) for k in range(buckets + 1)]
+        return halvings(B, buckets)
     else:
         sizes = list(buckets)
         bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < B]
@@ -52,45 +50,17 @@ def bucket_sizes(owner: str, B: int, buckets) -> tuple:
             raise ValueError(f"{owner}: `buckets` sizes must be integers strictly decreasing within [1, B) for "
                              f"a batch of B = {B}, got {tuple(buckets)!r}. Pass e.g. buckets=({max(B // 2, 1)},).")
         sizes = [B] + sizes
-    out = []
-    for s in sizes:
-        if not out or s < out[-1]:
-            out.append(s)
-    return tuple(out)
+    return tuple(sizes)
 
 
 def _forward(fn, solver, sizes, x0, params):
     """The compacted forward loop: a `LoopOutput` over the `B` rows of `x0`."""
     args, xs, consts = params
     B = x0.shape[0]
-    idx = jnp.arange(B)
     r = init_rows(solver, lambda x: fn(x, params), x0)
-    outs = None
-    for j, b in enumerate(sizes):
-        xs_b = xs if j == 0 else take_rows(xs, idx)
-        F = functools.partial(lambda xs_b, x: fn(x, (args, xs_b, consts)), xs_b)
-        smaller = sizes[j + 1] if j + 1 < len(sizes) else 0
-
-        def body(r, F=F):
-            x_new, fx_new, state = step_rows(solver, F, r)
-            res, nf = jax.lax.stop_gradient(row_norms(fx_new - x_new, fx_new))
-            return update_rows(solver, r, x_new, fx_new, state, res, nf)
-
-        def cond(r, smaller=smaller):
-            n_active = jnp.sum(r.active.astype(jnp.int32))
-            return (n_active > 0) & (n_active > smaller)
-
-        r = jax.lax.while_loop(cond, body, r)
-        # Every row of this bucket is written out (rows carried on are overwritten later).
-        done = final_outputs(r)
-        if outs is None:
-            outs = tuple(jnp.zeros((B,) + v.shape[1:], v.dtype) for v in done)
-        outs = tuple(o.at[idx].set(v) for o, v in zip(outs, done))
-        if smaller:
-            keep = jnp.argsort(~r.active, stable=True)[:smaller]  # every active row, then stopped ones
-            r = take_rows(r, keep)
-            idx = idx[keep]
-    return LoopOutput(*outs)
+    outs = tuple(jnp.zeros((B,) + v.shape[1:], v.dtype) for v in final_outputs(r))
+    F = lambda x, x_rows: fn(x, (args, x_rows, consts))  # noqa: E731
+    return LoopOutput(*run_buckets(solver, F, r, jnp.arange(B), xs, sizes, outs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -129,25 +99,10 @@ def _impl(f, z0, args, xs, solver, backward, buckets, throw):
 
         return _empty_solution(z0, solver, packer.dtype)
     check_output(owner, f, z0, args, xs)
-    # One closure conversion per bucket size (each traces f at its shape); they must hoist the
-    # same closed-over arrays, which then travel as explicit (differentiated) inputs.
-    convs, consts = {}, None
-    for b in sizes:
-        rows = jnp.arange(b)
-        conv, c = jax.closure_convert(f, take_rows(z0, rows), args, take_rows(xs, rows))
-        if consts is None:
-            consts = c
-        elif len(c) != len(consts) or any(a is not b_ for a, b_ in zip(c, consts)):
-            raise ValueError(f"{owner}: `f` closes over different arrays at different batch sizes. Pass the "
-                             "arrays f uses through `args` (shared) or `xs` (per sample) instead.")
-        convs[b] = conv
+    convs, consts = convert_per_size(owner, f, z0, args, xs, sizes)
+    fn = packed_map(packer, convs)
 
-    def fn(x, params):
-        a, xr, c = params
-        pk = dataclasses.replace(packer, batch=x.shape[0])
-        return pk.pack(convs[x.shape[0]](pk.unpack(x), a, xr, *c))
-
-    x_star, out = _compact_ift(fn, solver, sizes, backward, throw, packer.pack(z0), (args, xs, tuple(consts)))
+    x_star, out = _compact_ift(fn, solver, sizes, backward, throw, packer.pack(z0), (args, xs, consts))
     if throw:
         x_star = report("the forward solve", out, x_star, throw=True, warn=False)
     out = jax.lax.stop_gradient(out)

@@ -17,6 +17,7 @@ exactly like one of `fixed_point(..., batch_axis=0)`. `deq._compact` reuses the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -123,6 +124,70 @@ def final_outputs(r: Rows):
             r.history, r.best_fx)
 
 
+def run_buckets(solver, F, r: Rows, idx, xs_rows, sizes, outs):
+    """Run `r` to the end through shrinking buckets: on `sizes[0]` rows until at most `sizes[1]`
+    are active, then on those gathered into `sizes[1]` rows, and so on; the last bucket runs until
+    every row has stopped. `F(x, xs_rows)` evaluates the packed map on any number of rows. After
+    each bucket its rows are written into the per-sample `outs` (the first `len(outs)` of
+    `final_outputs`) at their sample indices `idx` (an index past the end is dropped)."""
+    for j in range(len(sizes)):
+        smaller = sizes[j + 1] if j + 1 < len(sizes) else 0
+
+        def body(r, xs_rows=xs_rows):
+            x_new, fx_new, state = step_rows(solver, lambda x: F(x, xs_rows), r)
+            res, nf = jax.lax.stop_gradient(row_norms(fx_new - x_new, fx_new))
+            return update_rows(solver, r, x_new, fx_new, state, res, nf)
+
+        def cond(r, smaller=smaller):
+            n_active = jnp.sum(r.active.astype(jnp.int32))
+            return (n_active > 0) & (n_active > smaller)
+
+        r = jax.lax.while_loop(cond, body, r)
+        outs = tuple(o.at[idx].set(v, mode="drop") for o, v in zip(outs, final_outputs(r)))
+        if smaller:
+            keep = jnp.argsort(~r.active, stable=True)[:smaller]  # every active row, then stopped ones
+            r, idx, xs_rows = take_rows(r, keep), idx[keep], take_rows(xs_rows, keep)
+    return outs
+
+
+def halvings(n: int, k: int, smallest: int = 1) -> tuple:
+    """`(n, ceil(n/2), ..., ceil(n/2^k))`, without repeats or sizes below `smallest` (n kept)."""
+    out = [n]
+    for i in range(1, k + 1):
+        b = math.ceil(n / 2 ** i)
+        if b < smallest or b >= out[-1]:
+            break
+        out.append(b)
+    return tuple(out)
+
+
+def convert_per_size(owner: str, f, z0, args, xs, sizes):
+    """`jax.closure_convert` of `f(z, args, x)` at each row count of `sizes` (each traces `f` at
+    its shape): `({size: f_conv}, consts)`. The conversions must hoist the same closed-over arrays,
+    which then travel as explicit inputs (so they are differentiated, or refused, like `args`)."""
+    convs, consts = {}, None
+    for b in sizes:
+        rows = jnp.arange(b)
+        conv, c = jax.closure_convert(f, take_rows(z0, rows), args, take_rows(xs, rows))
+        if consts is None:
+            consts = c
+        elif len(c) != len(consts) or any(a is not b_ for a, b_ in zip(c, consts)):
+            raise ValueError(f"{owner}: `f` closes over different arrays at different batch sizes. Pass the "
+                             "arrays f uses through `args` (shared) or `xs` (per sample) instead.")
+        convs[b] = conv
+    return convs, tuple(consts)
+
+
+def packed_map(packer, convs):
+    """`fn(x, (args, x_rows, consts))`: the packed map on any of the converted row counts."""
+    def fn(x, params):
+        a, xr, c = params
+        pk = dataclasses.replace(packer, batch=x.shape[0])
+        return pk.pack(convs[x.shape[0]](pk.unpack(x), a, xr, *c))
+
+    return fn
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument checks shared with deq._compact.
 # ----------------------------------------------------------------------------------------------
@@ -208,17 +273,23 @@ class _Stream(NamedTuple):
     out: tuple  # (value (N, n), residual, num_steps, converged, result, history)
 
 
-def _stream_solve(f, solver, slots, z0, args, xs):
-    """The compiled streaming loop; returns `(value pytree, LoopOutput over N samples)`."""
+def _stream_solve(fn, solver, sizes, z0, params, xs):
+    """The compiled streaming loop; returns `(value pytree, LoopOutput over N samples)`.
+
+    `fn(x, (args, x_rows, consts))` is the packed map on any row count of `sizes`, and
+    `params = (args, consts)`. Slots are refilled until every sample has been loaded and started;
+    the slots still running then finish through the shrinking buckets `sizes` (`run_buckets`),
+    so the tail of slow samples does not keep every slot's row busy.
+    """
+    args, consts = params
     packer = _tree.make_packer(z0, 0)
     N = packer.rows
-    S = min(slots, N)
-    rows_packer = dataclasses.replace(packer, batch=S)
+    S = sizes[0]
     X0 = packer.pack(z0)
     n0_all = row_norms(X0)[0]
 
     def F(x, x_rows):
-        return rows_packer.pack(f(rows_packer.unpack(x), args, x_rows))
+        return fn(x, (args, x_rows, consts))
 
     first = jnp.arange(S)
     x_first = X0[:S]
@@ -257,9 +328,7 @@ def _stream_solve(f, solver, slots, z0, args, xs):
         valid = c.slot < N
         done = valid & ~rows.active
         dest = jnp.where(done, c.slot, N)
-        value, residual, steps, converged, result, history, _ = final_outputs(rows)
-        out = tuple(o.at[dest].set(v, mode="drop")
-                    for o, v in zip(c.out, (value, residual, steps, converged, result, history)))
+        out = tuple(o.at[dest].set(v, mode="drop") for o, v in zip(c.out, final_outputs(rows)))
         new = (c.next + jnp.cumsum(done.astype(jnp.int32)) - 1).astype(jnp.int32)
         take = done & (new < N)
         idx = jnp.where(take, new, 0)
@@ -270,8 +339,12 @@ def _stream_solve(f, solver, slots, z0, args, xs):
         nxt = (c.next + jnp.sum(take.astype(jnp.int32))).astype(jnp.int32)
         return _Stream(rows, slot, take, n_load, xs_slot, nxt, out)
 
-    c = jax.lax.while_loop(lambda c: jnp.any(c.slot < N), body, c0)
-    value, residual, steps, converged, result, history = c.out
+    # Refill while samples are left to load (or a loaded one has not started); every slot that
+    # still holds a sample is then active.
+    c = jax.lax.while_loop(lambda c: jnp.any(c.slot < N) & ((c.next < N) | jnp.any(c.loading)), body, c0)
+    # An empty slot holds an inactive row: run_buckets writes it at index N, which is dropped.
+    out = run_buckets(solver, F, c.rows, c.slot, c.xs_slot, sizes, c.out)
+    value, residual, steps, converged, result, history = out
     # fx is not kept per sample (no adjoint follows); `report` does not read it.
     loop_out = LoopOutput(value, residual, steps, converged, result, history, value)
     return packer.unpack(value), loop_out
@@ -290,7 +363,7 @@ _stream_nodiff = jax.custom_jvp(_stream_solve, nondiff_argnums=(0, 1, 2))
 _stream_nodiff.defjvp(_refuse_jvp)
 
 
-def _impl(f, z0, args, xs, solver, slots, throw):
+def _impl(f, z0, args, xs, solver, slots, tail_buckets, throw):
     N = check_per_sample("fixed_point_stream", f, z0, args, xs, solver, throw)
     if N == 0:
         from ._fixed_point import _empty_solution
@@ -299,9 +372,11 @@ def _impl(f, z0, args, xs, solver, slots, throw):
     S = min(slots, N)
     z_rows, x_rows = take_rows(z0, jnp.arange(S)), take_rows(xs, jnp.arange(S))
     check_output("fixed_point_stream", f, z_rows, args, x_rows)
+    sizes = halvings(S, tail_buckets, smallest=min(S, 8))
     # Closed-over arrays become explicit inputs, so differentiating through them is refused too.
-    f_conv, consts = jax.closure_convert(f, z_rows, args, x_rows)
-    value, out = _stream_nodiff(lambda z, a, x: f_conv(z, a[0], x, *a[1]), solver, S, z0, (args, consts), xs)
+    convs, consts = convert_per_size("fixed_point_stream", f, z0, args, xs, sizes)
+    fn = packed_map(_tree.make_packer(z0, 0), convs)
+    value, out = _stream_nodiff(fn, solver, sizes, z0, (args, consts), xs)
     if throw:
         value_flat = report("the streamed forward solve", out, out.x, throw=True, warn=False)
         value = _tree.make_packer(z0, 0).unpack(value_flat)
@@ -310,18 +385,20 @@ def _impl(f, z0, args, xs, solver, slots, throw):
     return Solution(value=value, stats=stats)
 
 
-_impl_jit = jax.jit(_impl, static_argnums=(0, 4, 5, 6))
+_impl_jit = jax.jit(_impl, static_argnums=(0, 4, 5, 6, 7))
 
 
 @strict_kwargs
-def fixed_point_stream(f, z0, args, xs, *, solver=None, slots: int = 64, throw: bool = False) -> Solution:
+def fixed_point_stream(f, z0, args, xs, *, solver=None, slots: int = 64, tail_buckets: int = 4,
+                       throw: bool = False) -> Solution:
     r"""Solve `z_i = f(z_i, args, x_i)` for every sample `i` of a dataset, keeping `slots` rows busy.
 
     Continuous batching for inference: the solver runs on `slots` rows at a time; when a row's
     sample stops (converged, `max_steps`, non-finite or diverged) its result is written out and
     the next sample is loaded into that row, with a fresh solver state (Anderson's and Broyden's
     histories are per row and restart with the new sample), inside one compiled `while_loop`
-    with static shapes. A plain batch of `B` samples costs `max_i steps_i + 1` evaluations of `f`
+    with static shapes (once the dataset is exhausted, the last running slots are compacted into
+    smaller buckets, see `tail_buckets`). A plain batch of `B` samples costs `max_i steps_i + 1` evaluations of `f`
     on `B` rows; streaming costs about
 
     .. math:: \frac{1}{\text{slots}} \sum_{i=1}^{N} (\text{steps}_i + 1)
@@ -347,7 +424,11 @@ def fixed_point_stream(f, z0, args, xs, *, solver=None, slots: int = 64, throw: 
       solver: forward solver (default `deq.Anderson()`); its `rtol`, `atol`, `max_steps` apply
         to each sample.
       slots: rows solved at a time (at most `N` are used). More slots give more parallel work
-        per evaluation of `f` and a longer tail; fewer waste less on slow samples.
+        per evaluation of `f`; fewer waste less on the tail of slow samples.
+      tail_buckets: once every sample has been loaded, the slots still running are gathered
+        into buckets of `slots/2`, `slots/4`, ... rows (at most this many halvings, none below 8
+        rows) as they finish, as `deq.fixed_point_compact` does for a training batch, so the
+        last slow samples do not keep every row busy. 0 keeps all slots to the end.
       throw: raise a `deq.SolveError` when some sample does not converge.
 
     Returns:
@@ -374,6 +455,9 @@ def fixed_point_stream(f, z0, args, xs, *, solver=None, slots: int = 64, throw: 
     """
     solver = Anderson() if solver is None else solver
     check_positive_int("fixed_point_stream", "slots", slots, example=64)
+    if isinstance(tail_buckets, bool) or not isinstance(tail_buckets, int) or tail_buckets < 0:
+        raise ValueError(f"fixed_point_stream: `tail_buckets` must be an integer >= 0 (halvings of the slots once "
+                         f"every sample is loaded), got {tail_buckets!r}. Pass e.g. tail_buckets=4 (0: no compaction).")
     z0 = jax.tree_util.tree_map(jnp.asarray, z0)
     xs = jax.tree_util.tree_map(jnp.asarray, xs)
     try:
@@ -381,7 +465,7 @@ def fixed_point_stream(f, z0, args, xs, *, solver=None, slots: int = 64, throw: 
         impl = _impl_jit
     except TypeError:  # an unhashable f cannot key the compilation cache: trace each call
         impl, f = _impl, hashable(f)
-    call = (f, z0, args, xs, solver, slots, throw)
+    call = (f, z0, args, xs, solver, slots, tail_buckets, throw)
     if not throw or any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves((z0, args, xs))):
         return impl(*call)
     with clean_errors():
