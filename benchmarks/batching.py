@@ -195,8 +195,10 @@ def run_synthetic(st: dict[str, Any], seed: int) -> dict[str, Any]:
             synthetic_cell, z, W, xs, solver=solver, slots=S, tail_buckets=tail))
         r = best_time(lambda: run(z0, W, xs), repeats)
         sol = run(z0, W, xs)
+        d_steps = np.asarray(sol.stats.num_steps) - p_steps
         r.update(samples_per_s=N / r["time_s"],
                  identical_steps=bool(np.array_equal(np.asarray(sol.stats.num_steps), p_steps)),
+                 steps_mismatches=int((d_steps != 0).sum()), max_steps_diff=int(np.abs(d_steps).max()),
                  identical_converged=bool(np.array_equal(np.asarray(sol.stats.converged), p_conv)),
                  max_value_diff=float(np.max(np.abs(np.asarray(sol.value) - p_value))),
                  temp_bytes=xla_mem(run, z0, W, xs))
@@ -296,11 +298,17 @@ def run_model(dname: str, profile: str, st: dict[str, Any], seed: int) -> dict[s
         "settings": {"N_test": N, "B": B_eval, "hidden": dst["hidden"], "epochs": dst["epochs"],
                      "solver": repr(layer.active_solver()), "train_time_s": train_s,
                      "test_accuracy": float((p_pred == y).mean())},
-        "steps": stats, "plain": {**plain, "samples_per_s": N / plain["time_s"]}}
+        "steps": stats, "plain": {**plain, "samples_per_s": N / plain["time_s"],
+                                  "temp_bytes": xla_mem(plain_all, state, ub)}}
     stream = {}
+    f = _StreamCell(graphdef)
     for S in [s for s in st["slots"] if s <= N]:
         C.say(f"{dname}: stream, {S} slots")
-        r = best_time(lambda S=S: deq.nn.stream(layer, u, slots=S), repeats)
+        # compiled as the plain solve is (deq.nn.stream adds the layer's eager checks, timed apart)
+        run = jax.jit(lambda state, u, S=S: deq.fixed_point_stream(f, layer.cell.init_state(u), state, u,
+                                                                  solver=solver, slots=S))
+        r = best_time(lambda: run(state, u), repeats)
+        r["nn_stream_time_s"] = best_time(lambda S=S: deq.nn.stream(layer, u, slots=S), repeats)["time_s"]
         sol = deq.nn.stream(layer, u, slots=S)
         pred = np.asarray(model.head(sol.value).argmax(-1))
         r.update(samples_per_s=N / r["time_s"],
@@ -308,12 +316,12 @@ def run_model(dname: str, profile: str, st: dict[str, Any], seed: int) -> dict[s
                  prediction_mismatches=int((pred != p_pred).sum()),
                  identical_steps=bool(np.array_equal(np.asarray(sol.stats.num_steps), p_steps)),
                  steps_mismatches=int((np.asarray(sol.stats.num_steps) != p_steps).sum()),
-                 max_value_diff=float(jnp.max(jnp.abs(sol.value - p_z))))
+                 max_value_diff=float(jnp.max(jnp.abs(sol.value - p_z))),
+                 temp_bytes=xla_mem(run, state, u))
         stream[f"stream_{S}"] = r
     res["stream"] = stream
     res["vs_plain"] = compare(plain["time_s"], N, stream, stats)
     # compaction on training batches of the training batch size, with the trained cell
-    f = _StreamCell(graphdef)
     train_solver = layer.solver
     xt = jnp.asarray(ds.x_train)
     ub = [model._encode(xt[i * B:(i + 1) * B]) for i in range(st["compact_batches"])]
