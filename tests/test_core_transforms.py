@@ -204,28 +204,19 @@ def test_second_order_gradient_with_a_gmres_adjoint():
     np.testing.assert_allclose(np.asarray(gg), want, rtol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="API limitation: second-order reverse mode through deq.IFT with a loop adjoint "
-                          "solver (the default Anderson) fails: the adjoint solve (deq/_loop.py run) is a "
-                          "lax.while_loop, which reverse mode rejects. IFT(solver=deq.GMRES()) works.")
 def test_second_order_gradient_with_the_default_adjoint():
     L = lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value.sum()
     a = np.array([0.3, -0.7])
     second = jax.grad(lambda a: jax.grad(L)(a).sum())
-    jax.eval_shape(second, jnp.asarray(a))  # fails while tracing: no compilation
+    jax.eval_shape(second, jnp.asarray(a))
     gg = second(jnp.asarray(a))
     eps = 1e-5
     np.testing.assert_allclose(np.asarray(gg), (_dz_da(a + eps) - _dz_da(a - eps)) / (2 * eps), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="API limitation: forward mode (jax.jvp, jax.jacfwd, jax.hessian) is unsupported "
-                          "with deq.IFT, the default backward: _ift is a jax.custom_vjp "
-                          "(deq/backward/ift.py), and JAX raises \"can't apply forward-mode autodiff (jvp) "
-                          "to a custom_vjp function\". Unrolled and PhantomGrad support it.")
 def test_forward_mode_jacobian_with_ift():
     a = np.array([0.3, -0.7])
     jacobian = jax.jacfwd(lambda a: deq.fixed_point(_elementwise_cell, jnp.zeros(2), a, solver=ANDERSON, backward=IFT).value)
-    jax.eval_shape(jacobian, jnp.asarray(a))  # fails while tracing: no compilation
+    jax.eval_shape(jacobian, jnp.asarray(a))
     J = jacobian(jnp.asarray(a))
     np.testing.assert_allclose(np.asarray(J), np.diag(_dz_da(a)), rtol=1e-8, atol=1e-12)
