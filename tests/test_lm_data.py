@@ -55,6 +55,9 @@ def test_windows_batches_and_dataset() -> None:
     np.testing.assert_array_equal(y.ravel(), corpus.validation[1: 1 + y.size])  # every target once
     xs, ys = corpus.windows("train", 10, max_windows=5, seed=3)
     assert xs.shape == (5, 10) and (xs[:, 1:] == ys[:, :-1]).all()
+    aligned = {tuple(w): i for i, w in reversed(list(enumerate(corpus.windows("train", 10)[0])))}
+    index = [aligned[tuple(w)] for w in xs]  # every one is an aligned window ...
+    assert max(index) > 50  # ... from all over the split, not the first five
     xb, yb = corpus.sample_batch(np.random.default_rng(0), 7, 12)
     assert xb.shape == yb.shape == (7, 12) and (xb[:, 1:] == yb[:, :-1]).all()
     ds = corpus.dataset(16, eval_split="test", max_train_windows=20, max_eval_windows=4)

@@ -273,7 +273,8 @@ class TextCorpus:
         Args:
           split: ``"train"``, ``"validation"`` or ``"test"``.
           seq_len: tokens per window (>= 1).
-          max_windows: keep only the first this many windows (None: all).
+          max_windows: keep only the first this many windows of that order (None: all): with
+            a seed, a random subset spread over the whole split.
           seed: shuffle the window order with this seed (None: text order).
 
         Returns:
@@ -288,8 +289,7 @@ class TextCorpus:
         ids = self.split(split)
         seq_len = check_int("seq_len", seq_len, minimum=1)
         count = max(len(ids) - 1, 0) // seq_len
-        if max_windows is not None:
-            count = min(count, check_int("max_windows", max_windows, minimum=1))
+        keep = count if max_windows is None else min(count, check_int("max_windows", max_windows, minimum=1))
         if count == 0:
             raise ValueError(
                 f"the {split} split holds {len(ids)} characters, fewer than seq_len + 1 = {seq_len + 1}. "
@@ -298,7 +298,7 @@ class TextCorpus:
         starts = np.arange(count) * seq_len
         if seed is not None:
             starts = np.random.default_rng(check_seed("seed", seed)).permutation(starts)
-        return _cut(ids, starts, seq_len)
+        return _cut(ids, starts[:keep], seq_len)
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int, seq_len: int,
                      split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +336,7 @@ class TextCorpus:
         return _cut(ids, starts, seq_len)
 
     def dataset(self, seq_len: int, *, eval_split: str = "validation", max_train_windows: int | None = None,
-                max_eval_windows: int | None = None, seed: int = 0) -> Dataset:
+                max_eval_windows: int | None = None, seed: int = 0, eval_seed: int | None = None) -> Dataset:
         """The corpus as a :class:`Dataset` of windows for ``deq.train.fit``.
 
         Args:
@@ -344,9 +344,11 @@ class TextCorpus:
           eval_split: the split placed in ``x_test`` / ``y_test`` (``"validation"`` while
             tuning; ``"test"`` once, for the final number).
           max_train_windows: cap on training windows (None: all).
-          max_eval_windows: cap on evaluation windows, taken from the start of the split
-            (None: all).
+          max_eval_windows: cap on evaluation windows (None: all), taken from the start of
+            the split, or at random over it with ``eval_seed``.
           seed: shuffle of the training windows.
+          eval_seed: draw the capped evaluation windows at random over the whole split with
+            this seed (None: the first ones, which may all come from one file).
 
         Returns:
           A :class:`Dataset` named ``"<name>/<eval_split>"`` with the fixed vocabulary.
@@ -366,7 +368,7 @@ class TextCorpus:
         if max_train_windows is not None:
             keep = check_int("max_train_windows", max_train_windows, minimum=1)
             x_train, y_train = x_train[:keep], y_train[:keep]
-        x_test, y_test = self.windows(eval_split, seq_len, max_windows=max_eval_windows)
+        x_test, y_test = self.windows(eval_split, seq_len, max_windows=max_eval_windows, seed=eval_seed)
         return Dataset(x_train, y_train, x_test, y_test, self.vocab_size, f"{self.name}/{eval_split}",
                        (seq_len,), self.vocab)
 
