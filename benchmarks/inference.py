@@ -7,10 +7,12 @@ Each model of ``benchmarks.deq_vs_explicit`` is trained once (same settings, one
 the dense DEQ, the DEQ with Jacobian regularization, the tied unrolled twin (depth ``K``) and
 the parameter-matched untied ResNet (depth ``K``) (the smoke profile trains only the DEQ and
 the tied twin, and sweeps two Anderson budgets). Then the trained DEQs are evaluated on the
-whole test split with the per-call solver override of ``deq.nn.DEQ``
-(``model.deq(u, solver=...)``) for every budget ``max_steps`` in a sweep (1..50):
+whole test split with the per-call solver override of ``deq.nn.DEQ`` and its runtime step
+budget (``model.deq(u, solver=..., max_steps=budget)``, a traced integer, so each solver kind
+compiles once for the whole sweep; ``sweep_compile_s`` in the JSON is the compile time of the
+sweep) for every budget in a sweep (1..50):
 
-* ``anderson``: ``deq.Anderson(rtol=1e-3, atol=1e-5, max_steps=budget)`` -- the training
+* ``anderson``: ``deq.Anderson(rtol=1e-3, atol=1e-5)`` with ``max_steps=budget`` -- the training
   solver's tolerances, so a solve stops early once converged (``mean_steps`` is what it used);
 * ``fixed_point_iteration``: ``deq.FixedPointIteration`` with the same tolerances: plain
   iteration ``z_{k+1} = f(z_k, u)`` from ``z_0 = 0`` (budget ``k`` is the DEQ's own cell applied
@@ -77,10 +79,11 @@ CERTIFY_RTOLS = (1e-3, 1e-4, 1e-5, 1e-6)
 CERTIFY_MAX_STEPS = 500
 
 
-def _deq_metrics(model, x, y, solver):
-    """``(metrics, u, sol, logits)`` of a DEQ classifier solved with ``solver`` (not jitted)."""
+def _deq_metrics(model, x, y, solver, budget=None):
+    """``(metrics, u, sol, logits)`` of a DEQ classifier solved with ``solver`` under the runtime
+    step budget ``budget`` (``deq.nn.DEQ``'s ``max_steps=``; not jitted)."""
     u = model._encode(x)
-    sol = model.deq(u, return_solution=True, solver=solver)
+    sol = model.deq(u, return_solution=True, solver=solver, max_steps=budget)
     logits = model.head(sol.value)
     losses, correct = cross_entropy(logits, y)
     metrics = {
@@ -92,13 +95,14 @@ def _deq_metrics(model, x, y, solver):
 
 
 @nnx.jit(static_argnames=("solver",))
-def eval_deq(model, x, y, solver):
-    """Test metrics of a DEQ classifier solved with ``solver`` (per-call override)."""
-    return _deq_metrics(model, x, y, solver)[0]
+def eval_deq(model, x, y, solver, budget=None):
+    """Test metrics of a DEQ classifier solved with ``solver`` (per-call override) for at most
+    ``budget`` steps (traced: one compilation serves every budget up to ``solver.max_steps``)."""
+    return _deq_metrics(model, x, y, solver, budget)[0]
 
 
 @nnx.jit(static_argnames=("solver",))
-def eval_certified(model, x, y, solver):
+def eval_certified(model, x, y, solver, budget=None):
     """`eval_deq` plus guarantees, for a DEQ whose cell has a proven Lipschitz bound ``L < 1``.
 
     ``deq.certify`` bounds each sample's distance to its exact fixed point,
@@ -109,7 +113,7 @@ def eval_certified(model, x, y, solver):
     ``certified_bound_median`` and ``certified_relative_bound_median`` (the bound over ``||z||``,
     medians over samples) and ``certified_prediction_frac``.
     """
-    metrics, u, sol, logits = _deq_metrics(model, x, y, solver)
+    metrics, u, sol, logits = _deq_metrics(model, x, y, solver, budget)
     cell, z = model.deq.cell, sol.value
     graphdef, state = nnx.split(cell)
     cert = deq.certify(lambda z_, u_: nnx.merge(graphdef, state)(z_, u_), z, u,
@@ -195,10 +199,13 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
     jobs = [(kind, s, b) for kind, solvers in plan.items() for s in solvers for b in budgets]
     for kind, sname, b in C.progress(jobs, desc=f"{dname}: budgets",
                                      label=lambda j: f"{DVE.LABELS[j[0]]}, {SOLVER_LABELS[j[1]]}, max_steps {j[2]}"):
-        solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=b)
-        metrics, timing = _timed(eval_deq, models[kind], x, y, solver, repeats=repeats)
+        # One solver per model and solver kind, capped at the largest budget; each budget is a
+        # runtime `max_steps` (a traced integer), so the sweep compiles once per solver kind.
+        solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=max(budgets))
+        budget = jnp.int32(b)
+        metrics, timing = _timed(eval_deq, models[kind], x, y, solver, budget, repeats=repeats)
         if kind in DVE.CONTRACTIVE_MODELS:  # the guarantees, computed apart so timings stay comparable
-            certified = jax.device_get(eval_certified(models[kind], x, y, solver))
+            certified = jax.device_get(eval_certified(models[kind], x, y, solver, budget))
             metrics.update({k: float(v) for k, v in certified.items() if k.startswith("certified_")})
         sweep.setdefault(kind, {}).setdefault(sname, []).append({"max_steps": b, **metrics, **timing})
 
@@ -221,11 +228,14 @@ def sweep_dataset(dname: str, profile: str, seed: int) -> tuple[dict[str, Any], 
         metrics, timing = _timed(eval_tied, models["unrolled"], x, y, b, repeats=repeats)
         tied.append({"depth": b, **metrics, **timing})
 
+    sweep_compile = {kind: {sname: float(sum(p["compile_s"] for p in pts)) for sname, pts in by.items()}
+                     for kind, by in sweep.items()}
     summary = summarize(sweep, explicit)
     settings = {**st, "num_train": len(ds.x_train), "num_test": len(ds.x_test), "budgets": budgets,
                 "repeats": repeats, "solvers_per_model": plan}
     return {"models": trained, "sweep": sweep, "explicit": explicit, "unrolled_any_depth": tied,
-            "certified_by_tolerance": certified, "summary": summary}, settings
+            "certified_by_tolerance": certified, "summary": summary,
+            "sweep_compile_s": sweep_compile}, settings
 
 
 def _first_budget(points: list[dict[str, Any]], level: float) -> int | None:

@@ -38,7 +38,8 @@ DEQ's trained cell is also iterated ``k`` times by hand, keeping the last iterat
 (``deq_last_iterate``, no solver, no stopping test).
 
 All are trained with the same ``deq.train.fit`` config. At test time the DEQ is solved with
-the per-call solver override for every budget ``max_steps`` in ``budgets`` (fixed-point
+the per-call solver override and the layer's runtime step budget (``max_steps=budget``, traced:
+one compilation per solver kind and length) for every budget in ``budgets`` (fixed-point
 iteration; Anderson too in the full profile), and each length is evaluated at every budget.
 
 Targets (PASS/MISS, honest):
@@ -126,9 +127,9 @@ class SeqDEQ(_SeqBase):
         self._init_io(channels, hidden, rngs)
         self.deq = deq.nn.DEQ(ShiftCell(channels, hidden, rngs=rngs), solver=solver)
 
-    def __call__(self, x, solver=None):
+    def __call__(self, x, solver=None, max_steps=None):
         u = self.encoder(x)
-        sol = self.deq(u, return_solution=True, solver=solver)
+        sol = self.deq(u, return_solution=True, solver=solver, max_steps=max_steps)
         return self.head(sol.value), solution_info(sol)
 
 
@@ -179,9 +180,10 @@ def _metrics(logits, y):
 
 
 @nnx.jit(static_argnames=("solver",))
-def eval_deq(model, x, y, solver):
-    """Metrics of the DEQ solved with ``solver`` (per-call override), plus solver stats."""
-    logits, info = model(x, solver=solver)
+def eval_deq(model, x, y, solver, budget=None):
+    """Metrics of the DEQ solved with ``solver`` (per-call override) for at most ``budget`` steps
+    (a traced runtime budget: one compilation per solver and input shape), plus solver stats."""
+    logits, info = model(x, solver=solver, max_steps=budget)
     return {**_metrics(logits, y), "mean_steps": info["forward_steps"], "converged_frac": info["converged_frac"]}
 
 
@@ -272,9 +274,10 @@ def run_seed(st: dict[str, Any], seed: int, test_sets: dict[int, Any]) -> dict[s
     for L, sname, b in C.progress(jobs, desc=f"seed {seed}: lengths x budgets",
                                   label=lambda j: f"DEQ, {j[1]}, length {j[0]}, max_steps {j[2]}"):
         x, y = test_sets[L]
-        solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=b)
+        # capped at the largest budget; `b` is a runtime budget (no recompilation across budgets)
+        solver = SOLVERS[sname](rtol=RTOL, atol=ATOL, max_steps=max(st["budgets"]))
         t0 = time.perf_counter()
-        res = _host(eval_deq(models["deq"], x, y, solver))
+        res = _host(eval_deq(models["deq"], x, y, solver, jnp.int32(b)))
         res["eval_wall_s_incl_compile"] = time.perf_counter() - t0
         deq_res.setdefault(sname, {}).setdefault(str(L), {})[str(b)] = res
     for L in st["test_lengths"]:
