@@ -188,7 +188,7 @@ def run_synthetic(st: dict[str, Any], seed: int) -> dict[str, Any]:
                            "steps": stats, "plain": {**plain, "samples_per_s": N / plain["time_s"],
                                                      "temp_bytes": xla_mem(plain_all, zb, W, xsb)}}
     stream = {}
-    for S, tail in [(S, 4) for S in st["slots"]] + [(B, 0)]:
+    for S, tail in [(S, 4) for S in st["slots"]] + ([(B, 0)] if st["memory"] else []):
         key = f"stream_{S}" + ("" if tail else "_no_tail")
         C.say(f"synthetic: {key}")
         run = jax.jit(lambda z, W, xs, S=S, tail=tail: deq.fixed_point_stream(
