@@ -72,7 +72,7 @@ EPOCHS = {"quick": {"digits": 5, "mnist1d": 5}, "full": {}}
 def settings(profile: str) -> dict[str, Any]:
     return C.pick(
         profile,
-        smoke=dict(N=256, n=16, B=64, slots=[64], max_steps=50, repeats=1, compact_batches=2, datasets=[],
+        smoke=dict(N=128, n=16, B=32, slots=[16], max_steps=50, repeats=1, compact_batches=2, datasets=[],
                    memory=False, compact_grad=False),
         quick=dict(N=4096, n=256, B=256, slots=[64, 256, 1024], max_steps=300, repeats=3, compact_batches=4,
                    datasets=["digits", "mnist1d"], memory=True, compact_grad=True),
