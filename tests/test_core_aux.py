@@ -90,3 +90,39 @@ def test_aux_state_part_mismatch_names_z0():
     bad = lambda z, p: (jnp.concatenate([cell(z, p), z]), 0.0)  # noqa: E731
     with pytest.raises(ValueError, match="must return a pytree shaped like `z0`"):
         deq.fixed_point(bad, jnp.zeros(3), params(), has_aux=True)
+
+
+def test_nnx_and_linen_layers_with_aux():
+    import flax.linen as nn
+    from flax import nnx
+
+    class Cell(nnx.Module):
+        def __init__(self, rngs):
+            self.W = nnx.Linear(3, 3, use_bias=False, rngs=rngs)
+
+        def __call__(self, z, x):
+            z_new = jnp.tanh(0.5 * self.W(z) + x)
+            return z_new, jnp.sum(z_new ** 2, axis=-1)
+
+    x = jax.random.normal(jax.random.key(2), (4, 3))
+    layer = deq.nn.DEQ(Cell(nnx.Rngs(0)), solver=TIGHT, has_aux=True)
+    z, aux = layer(x)
+    np.testing.assert_allclose(aux, jnp.sum(z ** 2, axis=-1), rtol=1e-10)  # aux is at f(z*), z* to 1e-13
+    sol = layer(x, return_solution=True)
+    np.testing.assert_allclose(sol.aux, aux, rtol=1e-14)
+    # differentiable: the aux is a function of the parameters through z*
+    g = nnx.grad(lambda m: jnp.sum(m(x)[1]))(layer)
+    assert float(jnp.abs(g.cell.W.kernel[...]).sum()) > 0
+
+    class LCell(nn.Module):
+        @nn.compact
+        def __call__(self, z, x):
+            z_new = jnp.tanh(0.5 * nn.Dense(3, use_bias=False)(z) + x)
+            return z_new, jnp.mean(z_new, axis=-1)
+
+    lin = deq.linen.DEQ(LCell(), solver=TIGHT, has_aux=True)
+    v = lin.init(jax.random.key(0), x)
+    z, aux = lin.apply(v, x)
+    np.testing.assert_allclose(aux, jnp.mean(z, axis=-1), rtol=1e-10)
+    with pytest.raises(TypeError, match="`has_aux` must be a bool"):
+        deq.nn.DEQ(Cell(nnx.Rngs(0)), has_aux="yes")

@@ -111,6 +111,8 @@ class DEQ(nn.Module):
       eval_solver: forward solver used when `deterministic` is True; None uses `solver`.
       throw: raise a `deq.SolveError` when a solve does not converge (see `deq.fixed_point`).
       deterministic: default evaluation-mode flag (a call argument overrides it).
+      has_aux: the cell returns `(z, aux)`; the layer returns `(z*, aux)` (aux at `z*`,
+        differentiable), or `Solution.aux` with `return_solution=True`.
 
     Call Args:
       x: the input (any pytree), passed to the cell at every step.
@@ -156,12 +158,15 @@ class DEQ(nn.Module):
     eval_solver: Any = None
     throw: bool = False
     deterministic: Optional[bool] = None
+    has_aux: bool = False
 
     def _config(self):
         solver = Anderson() if self.solver is None else self.solver
         backward = IFT() if self.backward is None else self.backward
         _check_solver("solver", solver, allow_none=False)
         _check_solver("eval_solver", self.eval_solver, allow_none=True)
+        if not isinstance(self.has_aux, bool):
+            raise TypeError(f"deq.linen.DEQ: `has_aux` must be a bool, got {self.has_aux!r}.")
         if not isinstance(backward, AbstractBackward):
             raise TypeError(
                 f"deq.linen.DEQ: `backward` must be a deq backward strategy (deq.IFT(), "
@@ -207,7 +212,9 @@ class DEQ(nn.Module):
         sol: Solution = solve_with_hints(
             f, z0, (variables, x), origin=origin, solver=solver, backward=backward,
             batch_axis=self.batch_axis, throw=self.throw, backward_stats=backward_stats,
-            max_steps=max_steps,
+            max_steps=max_steps, has_aux=self.has_aux,
         )
-        return sol if return_solution else sol.value
+        if return_solution:
+            return sol
+        return (sol.value, sol.aux) if self.has_aux else sol.value
 

@@ -359,11 +359,13 @@ def _cell_of(f, params):
         return None
 
 
-def _hint(f, z0, args, origin: str) -> Optional[str]:
+def _hint(f, z0, args, origin: str, has_aux: bool = False) -> Optional[str]:
     """The message explaining a failed solve by the input or the initial state, or None."""
     owner = getattr(f, "owner", "DEQ")
     params, x = args
     out = _probe(f, z0, args)
+    if has_aux and isinstance(out, tuple) and len(out) == 2:
+        out = out[0]  # the state part of a cell returning (z, aux)
     if out is not None and _same_shapes(out, z0):
         return None  # the cell maps z0 to a state of its shape: not an input problem
     if origin == "zeros":
@@ -419,7 +421,7 @@ def solve_with_hints(f, z0, args, *, origin: str, **kwargs) -> Solution:
     except _CellStateError:
         raise
     except (ValueError, TypeError) as e:
-        hint = _hint(f, z0, args, origin)
+        hint = _hint(f, z0, args, origin, kwargs.get("has_aux", False))
         if hint is None:
             raise
         raise ValueError(f"{hint}\nOriginal error: {e}") from e
@@ -506,6 +508,9 @@ class DEQ(nnx.Module):
       eval_solver: forward solver used when `deterministic` is True (eval mode); None uses
         `solver`.
       throw: raise a `deq.SolveError` when a solve does not converge (see `deq.fixed_point`).
+      has_aux: the cell returns `(z, aux)` (attention maps, a regularization term); the layer
+        then returns `(z*, aux)` with `aux` the cell's auxiliary output at `z*` (differentiable),
+        or `Solution.aux` with `return_solution=True`.
 
     Call Args:
       x: the input (any pytree), passed to the cell unchanged at every step.
@@ -562,6 +567,7 @@ class DEQ(nnx.Module):
         batch_axis: Optional[int] = 0,
         eval_solver: Optional[AbstractSolver] = None,
         throw: bool = False,
+        has_aux: bool = False,
     ):
         if not isinstance(cell, nnx.Module) or not callable(cell):
             raise TypeError(
@@ -585,8 +591,11 @@ class DEQ(nnx.Module):
             )
         if not isinstance(throw, bool):
             raise TypeError(f"DEQ: `throw` must be a bool, got {throw!r}.")
+        if not isinstance(has_aux, bool):
+            raise TypeError(f"DEQ: `has_aux` must be a bool, got {has_aux!r}. Pass True when the cell returns (z, aux).")
         check_cell(cell)
         self.cell = cell
+        self.has_aux = has_aux
         self.solver = solver
         self.backward = backward
         self.batch_axis = batch_axis
@@ -633,9 +642,11 @@ class DEQ(nnx.Module):
         sol = solve_with_hints(
             _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
             backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
-            backward_stats=backward_stats, max_steps=max_steps,
+            backward_stats=backward_stats, max_steps=max_steps, has_aux=self.has_aux,
         )
-        return sol if return_solution else sol.value
+        if return_solution:
+            return sol
+        return (sol.value, sol.aux) if self.has_aux else sol.value
 
 
 def _own_signature(cls) -> None:
