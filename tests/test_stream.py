@@ -283,6 +283,15 @@ def test_nn_stream_errors():
         deq.nn.stream(DEQClassifier(4, 8, 3, rngs=nnx.Rngs(0)), jnp.ones((3, 4)), z0=jnp.zeros((3, 8)))
     with pytest.raises(ValueError, match="`slots` must be an integer >= 1"):
         deq.nn.stream(_layer(), jnp.ones((3, 4)), slots=-1)
+    with pytest.raises(ValueError, match="has_aux=True"):
+        deq.nn.stream(deq.nn.DEQ(TinyCell(nnx.Rngs(0)), has_aux=True), jnp.ones((3, 4)))
+
+    class Budgeted(TinyModel):
+        def __call__(self, x):
+            return self.deq(self.encoder(x), max_steps=5)
+
+    with pytest.raises(ValueError, match="runtime `max_steps` budget is not supported"):
+        deq.nn.stream(Budgeted(nnx.Rngs(0)), jnp.ones((3, 3)))
 
 
 @pytest.mark.parametrize("name", ["deq._stream", "deq.nn._stream"])

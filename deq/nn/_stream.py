@@ -11,6 +11,7 @@ from .._api import check_positive_int, strict_kwargs
 from .._solution import Solution
 from .._stream import fixed_point_stream
 from ._layer import DEQ, _CellMap, check_cell, check_cell_input, initial_state
+from .dropout import resample_dropout
 
 __all__ = ["stream"]
 
@@ -34,8 +35,18 @@ class _StreamCell:
         return self.cellmap(z, (state, x))
 
 
-def _stream_layer(layer: DEQ, x, *, slots: int, z0=None, solver=None) -> Solution:
+def _stream_layer(layer: DEQ, x, *, slots: int, z0=None, solver=None, max_steps=None) -> Solution:
     """What `layer(x, z0, solver=solver, return_solution=True)` does, with a streamed solve."""
+    if max_steps is not None:
+        raise ValueError(
+            "deq.nn.stream: a runtime `max_steps` budget is not supported by streaming solves yet, got "
+            f"max_steps={max_steps!r}. Pass solver=<the solver with max_steps=...> instead, or call the layer."
+        )
+    if getattr(layer, "has_aux", False):
+        raise ValueError(
+            "deq.nn.stream: the layer was built with has_aux=True (its cell returns (z, aux)), which streaming "
+            "solves do not support yet. Call the layer itself, or stream a cell that returns z only."
+        )
     if layer.batch_axis != 0:
         raise ValueError(
             f"deq.nn.stream: the layer's `batch_axis` must be 0 (axis 0 of x indexes samples) to stream "
@@ -46,6 +57,7 @@ def _stream_layer(layer: DEQ, x, *, slots: int, z0=None, solver=None) -> Solutio
     before_solve = getattr(layer.cell, "before_solve", None)
     if callable(before_solve):
         before_solve(x)
+    resample_dropout(layer.cell)  # one new mask per forward pass (none in eval mode), as the layer does
     check_cell(layer.cell)
     z0, _ = initial_state("deq.nn.stream", layer.cell, x, z0, layer.batch_axis)
     graphdef, state = nnx.split(layer.cell)
@@ -58,8 +70,9 @@ _SLOTS: contextvars.ContextVar = contextvars.ContextVar("deq_stream_slots")
 class _StreamingDEQ(DEQ):
     """A `DEQ` whose calls stream (the class a model's layers take during `deq.nn.stream`)."""
 
-    def __call__(self, x, z0=None, *, return_solution: bool = False, solver=None, backward_stats=None):
-        sol = _stream_layer(self, x, slots=_SLOTS.get(), z0=z0, solver=solver)
+    def __call__(self, x, z0=None, *, return_solution: bool = False, solver=None, backward_stats=None,
+                 max_steps=None):
+        sol = _stream_layer(self, x, slots=_SLOTS.get(), z0=z0, solver=solver, max_steps=max_steps)
         return sol if return_solution else sol.value
 
 
