@@ -26,10 +26,10 @@ attention, width ``d_model``, ``heads`` heads) with the same embedding and head:
   (``jacobian_penalty`` at the fixed point of a second, stop-gradient solve: ``fit``'s
   ``aux_loss_fn`` cannot see the forward's ``z*``, so penalised steps cost one more solve);
 * ``deq_dropout``: the DEQ with ``dropout=p`` (``deq.nn.VariationalDropout`` on the block
-  output, one mask per forward pass held over all solver steps).
-
-The reversible DEQ is not included: the library's reversible solver is a backward strategy
-for ``deq.fixed_point``, and no LM wiring for it was written here.
+  output, one mask per forward pass held over all solver steps);
+* ``deq_reversible``: the reversible DEQ (McCallum et al. 2025): the same DEQ solved by
+  ``deq.ReversibleIteration(damping=0.8)`` (two cell evaluations per step) and differentiated
+  exactly by reversing its steps, ``deq.Reversible()`` (no adjoint solve).
 
 All are trained with one ``deq.train.fit`` configuration (AdamW, warm-up and cosine decay,
 gradient clipping at 1), the validation split as ``fit``'s evaluation split every
@@ -40,7 +40,8 @@ gradient clipping at 1), the validation split as ``fit``'s evaluation split ever
 * forward and backward solver steps per training step (``fit``'s records);
 * memory of one training step (XLA's buffer assignment, ``temp_size_in_bytes`` of the jitted
   gradient, compiled not run) against the sequence length and the effective depth: the DEQ's
-  ``max_steps`` (flat) and the tied twin's ``depth`` (linear);
+  ``max_steps`` (flat), the tied twin's ``depth`` (linear), and the reversible DEQ's
+  ``max_steps`` (it stores one ``(y, z)`` checkpoint every 2 steps);
 * test-time compute: test bpc of the trained DEQ with the runtime step budget
   ``layer(u, max_steps=k)`` (one compilation for every ``k``), and of the tied twin run at depths
   it was not trained for;
@@ -68,7 +69,7 @@ import time
 from benchmarks import _common as C
 
 NAME = "language_model"
-KINDS = ("deq", "tied", "explicit", "deq_jr", "deq_dropout")
+KINDS = ("deq", "tied", "explicit", "deq_jr", "deq_dropout", "deq_reversible")
 #: The evaluation windows: a fixed random subset spread over the whole split (not its first file).
 EVAL_SEED = 1234
 LOG2 = math.log(2.0)
@@ -128,6 +129,9 @@ def build(kind: str, s: dict, vocab: int, seed: int):
                       backward=deq.IFT(solver=deq.Anderson(**s["adjoint"])), **common)
     if kind in ("deq", "deq_jr"):
         return TransformerDEQLM(vocab, s["d_model"], s["heads"], **deq_kwargs)
+    if kind == "deq_reversible":
+        solver = deq.ReversibleIteration(damping=0.8, **s["solver"])
+        return TransformerDEQLM(vocab, s["d_model"], s["heads"], solver=solver, backward=deq.Reversible(), **common)
     if kind == "deq_dropout":
         return TransformerDEQLM(vocab, s["d_model"], s["heads"], dropout=s["dropout"], **deq_kwargs)
     if kind == "tied":
@@ -307,7 +311,7 @@ def step_memory(kind: str, s: dict, vocab: int, *, depth: int, seq_len: int) -> 
     from flax import nnx
 
     s = dict(s, seq_len=seq_len, depth=depth)
-    if kind == "deq":
+    if kind in ("deq", "deq_reversible"):
         # the DEQ's effective depth is its solver's step budget (the forward's max_steps)
         s["solver"] = dict(s["solver"], max_steps=depth)
     model = build(kind, s, vocab, 0)
@@ -378,16 +382,17 @@ def plot(res: dict, out) -> None:
     ax.set(xlabel="training step", ylabel="solver steps (batch mean)", title="solver steps in training")
     ax.legend(fontsize=7)
     ax = axes[1, 0]
-    for kind in ("deq", "tied"):
+    for kind in ("deq", "tied", "deq_reversible"):
         rows = [r for r in res.get("memory", []) if r["kind"] == kind and r["seq_len"] == res["settings"]["seq_len"]]
         if rows:
             ax.plot([r["depth"] for r in rows], [r["temp_size_in_bytes"] / 2**20 for r in rows], "o-",
-                    label=f"{kind} ({'max_steps' if kind == 'deq' else 'depth'})")
+                    label=f"{kind} ({'depth' if kind == 'tied' else 'max_steps'})")
     ax.set(xlabel="effective depth", ylabel="XLA temp MiB (one training step)", title="memory vs depth")
     ax.legend()
     ax = axes[1, 1]
     for kind in ("deq", "tied"):
-        rows = [r for r in res.get("memory", []) if r["kind"] == kind and r["depth"] == res["settings"]["mem_depth_at_length"]]
+        rows = sorted((r for r in res.get("memory", []) if r["kind"] == kind
+                       and r["depth"] == res["settings"]["mem_depth_at_length"]), key=lambda r: r["seq_len"])
         if rows:
             ax.plot([r["seq_len"] for r in rows], [r["temp_size_in_bytes"] / 2**20 for r in rows], "o-", label=kind)
     ax.set(xlabel="sequence length", ylabel="XLA temp MiB", title="memory vs sequence length")
@@ -444,10 +449,12 @@ def main(argv=None) -> dict:
         jax.clear_caches()  # this model's compiled programs are not needed again
     C.say("memory of one training step")
     mem = []
-    for kind in ("deq", "tied"):
+    for kind in ("deq", "tied", "deq_reversible"):
+        if kind == "deq_reversible" and kind not in kinds:
+            continue
         for depth in s["mem_depths"]:
             mem.append(step_memory(kind, s, corpus.vocab_size, depth=depth, seq_len=s["seq_len"]))
-        for length in s["mem_lengths"]:
+        for length in s["mem_lengths"] if kind != "deq_reversible" else []:
             if length != s["seq_len"]:
                 mem.append(step_memory(kind, s, corpus.vocab_size, depth=s["mem_depth_at_length"], seq_len=length))
     res["memory"] = [r for r in mem if r is not None]
