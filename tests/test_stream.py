@@ -247,6 +247,8 @@ def test_nn_stream_layer_equals_the_layer_call_in_both_modes():
         np.testing.assert_allclose(sol.value, ref.value, atol=1e-10)
     z0 = jnp.ones((11, 4))
     np.testing.assert_allclose(deq.nn.stream(layer, x, slots=3, z0=z0).value, layer(x, z0), atol=1e-10)
+    # the layer's own method is the same streamed solve
+    np.testing.assert_array_equal(layer.stream(x, slots=3).stats.num_steps, sol.stats.num_steps)
 
 
 class TinyModel(nnx.Module):

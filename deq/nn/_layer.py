@@ -648,6 +648,19 @@ class DEQ(nnx.Module):
             return sol
         return (sol.value, sol.aux) if self.has_aux else sol.value
 
+    def stream(self, x, z0=None, *, slots: int = 64, solver: Optional[AbstractSolver] = None):
+        """Solve every sample of `x` with continuous batching (`deq.fixed_point_stream`).
+
+        `slots` samples are solved at a time and a slot is refilled with the next sample as soon as
+        its own stops, so a dataset costs about the mean number of solver steps instead of each
+        batch's slowest sample. Returns the `deq.Solution` (per-sample stats) of the layer's
+        solve; values and step counts equal those of the layer's own call (`batch_axis=0` only).
+        For inference: the result is not differentiable. See `deq.nn.stream` for whole models.
+        """
+        from ._stream import _stream_layer  # deq.nn._stream imports this module
+
+        return _stream_layer(self, x, slots=slots, z0=z0, solver=solver)
+
 
 def _own_signature(cls) -> None:
     """Show `cls(...)`'s real arguments in `inspect.signature` and `help` (NNX's metaclass hides them)."""
