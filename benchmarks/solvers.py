@@ -111,6 +111,20 @@ every step, which makes it keep the iterate it would return after each step; the
 are recomputed in float64 NumPy (its Anderson would return ``z0`` after its first two steps).
 The time axis of the plot is ``k * forward_min_s / steps``.
 
+banax (``full`` profile; JAX/Equinox, needs Python >= 3.12): ``benchmarks/banax_peer.py`` runs in
+a subprocess (timeout 900 s) with the interpreter ``DEQ_BANAX_PYTHON`` names, else
+``.venv-banax/bin/python`` at the repository root when it exists (set up with
+``PYENV_VERSION=3.12.1 python3.12 -m venv .venv-banax && .venv-banax/bin/pip install banax
+jax==<this jax> jaxlib==<this jaxlib>``), on the saved problem with the same stopping test (its
+``Solver(rtol=0, atol=1e-4, max_steps=500)`` tests ``||f(x_k) - x_k||_2 <= 1e-4`` at the iterate it
+returns) and the reference gradients passed in an .npz; its JSON object is stored under ``banax``
+(the script's docstring says what each row runs). Without such an interpreter one line says
+``banax: skipped (...)`` and the record is ``{"status": "skipped", "reason": ...}``. Its targets
+compare ``deq.Anderson`` at its defaults with banax's best-tuned solver (its converged solver row
+with the fewest steps, the tuned Anderson/Broyden grids included): no more steps, forward <= 0.6x
+and forward+backward <= 0.5x (median wall; min-wall and CPU ratios beside). banax is timed in its
+own process after deq's rows: the machine's load may differ between the two (both are recorded).
+
 The ``quick``/``full`` profiles also time the pieces of an Anderson step at the problem's shapes
 inside compiled loops (``anderson_breakdown``) to show where its per-step time goes, and the
 ``full`` profile measures, each in a subprocess with a timeout, optimistix's default
@@ -820,6 +834,109 @@ def run_expensive(kind: str, seed: int, hidden: int, batch: int, inp: int, timeo
 
 
 # --------------------------------------------------------------------------
+# banax (optional peer, Python >= 3.12): benchmarks/banax_peer.py in its own interpreter
+# --------------------------------------------------------------------------
+
+BANAX_SCRIPT = C.REPO_ROOT / "benchmarks" / "banax_peer.py"
+BANAX_VENV_PYTHON = C.REPO_ROOT / ".venv-banax" / "bin" / "python"
+BANAX_SETUP = ("PYENV_VERSION=3.12.1 python3.12 -m venv .venv-banax && .venv-banax/bin/pip install banax "
+               "'jax==<this jax>' 'jaxlib==<this jaxlib>' (or set DEQ_BANAX_PYTHON)")
+
+
+def banax_python() -> tuple[str | None, str]:
+    """The interpreter for the banax peer and where it came from, or ``(None, why not)``."""
+    env = os.environ.get("DEQ_BANAX_PYTHON")
+    if env:
+        return (env, "DEQ_BANAX_PYTHON") if os.path.exists(env) else (None, f"DEQ_BANAX_PYTHON={env} does not exist")
+    if BANAX_VENV_PYTHON.exists():
+        return str(BANAX_VENV_PYTHON), ".venv-banax"
+    return None, f"no interpreter with banax: {BANAX_SETUP}"
+
+
+def run_banax(problem_npz, refs: dict[str, np.ndarray], *, repeats: int, rounds: int, timeout: float,
+              log=print) -> dict[str, Any]:
+    """banax's rows: `BANAX_SCRIPT` in a subprocess (its JSON object), or ``{"status": "skipped", ...}``.
+
+    `refs` (the reference gradients) travel in a temporary .npz; the script's stdout's last line
+    is its JSON object. One printed line says when it is skipped or fails.
+    """
+    import json
+    import tempfile
+
+    py, source = banax_python()
+    if py is None:
+        log(f"banax: skipped ({source})")
+        return {"status": "skipped", "reason": source}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = os.path.join(tmp, "reference.npz")
+        np.savez(ref_path, **refs)
+        cmd = [py, str(BANAX_SCRIPT), "--problem", str(problem_npz), "--reference", ref_path,
+               "--repeats", str(repeats), "--rounds", str(rounds)]
+        env = {**os.environ, "JAX_ENABLE_X64": "0"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            log(f"banax: skipped (timed out after {timeout:.0f} s)")
+            return {"status": "skipped", "reason": f"timed out after {timeout:.0f} s", "interpreter": py}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        reason = f"{py} exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}"
+        log(f"banax: skipped ({reason.splitlines()[0]})")
+        return {"status": "skipped", "reason": reason, "interpreter": py}
+    rec = json.loads(lines[-1])
+    rec["interpreter_source"] = source
+    rec["command"] = " ".join(cmd[:2] + ["--problem", os.path.basename(str(problem_npz)), "--reference <tmp>"] + cmd[6:])
+    return rec
+
+
+def banax_targets(results: dict[str, dict[str, dict]], banax: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15 item 8: deq.Anderson (defaults) against banax's best-tuned solver on each problem.
+
+    banax's best-tuned solver is its converged solver row (Implicit backward) with the fewest
+    steps (ties: the lower median forward time), among its defaults and the tuned grid's choice.
+    """
+    if banax.get("status") != "measured":
+        return []
+    targets = []
+
+    def ms(v):
+        return f"{v * 1e3:.3f} ms"
+
+    for problem in (CONTRACTIVE, HARD):
+        ours = results[problem][OURS_ANDERSON]
+        rows = {k: v for k, v in banax["results"][problem].items() if v["kind"] == "solver" and v["converged"]}
+        if not rows:
+            targets.append({"target": f"{problem}: banax has a converged solver", "passed": True,
+                            "measured": "no banax solver converged", "goal": "comparison possible"})
+            continue
+        best = min(rows, key=lambda k: (rows[k]["steps"], rows[k]["forward_s"]))
+        b = rows[best]
+        targets.append({
+            "target": f"{problem}: deq.Anderson (defaults) takes no more steps than banax's best-tuned solver",
+            "passed": bool(ours["converged"] and ours["steps"] <= b["steps"]),
+            "measured": f"deq.Anderson {ours['steps']} steps vs {best} {b['steps']} steps", "goal": "<="})
+        for key, limit, label in (("forward", 0.6, "forward"), ("forward_backward", 0.5, "forward+backward")):
+            r, r_min = ours[f"{key}_s"] / b[f"{key}_s"], ours[f"{key}_min_s"] / b[f"{key}_min_s"]
+            r_cpu = ours[f"{key}_cpu_s"] / b[f"{key}_cpu_s"]
+            targets.append({
+                "target": f"{problem}: deq.Anderson {label} time <= {limit} x banax's best-tuned solver",
+                "passed": bool(r <= limit), "passed_min": bool(r_min <= limit), "passed_cpu": bool(r_cpu <= limit),
+                "measured": (f"median wall {ms(ours[f'{key}_s'])} vs {best} {ms(b[f'{key}_s'])} = {r:.2f}x; min wall "
+                             f"{r_min:.2f}x; median CPU {r_cpu:.2f}x (banax timed in its own process after deq's rows)"),
+                "goal": f"<= {limit}x"})
+    return targets
+
+
+def banax_rows(banax: dict[str, Any]) -> list[dict[str, Any]]:
+    """banax's rows for the printed table."""
+    return [{"problem": p, "solver": n, "deq": r["deq_counterpart"], "backward": r["backward"], "steps": r["steps"],
+             "residual": r["final_residual"], "conv": "yes" if r["converged"] else "NO",
+             "fwd_ms": r["forward_s"] * 1e3, "fwdbwd_ms": r["forward_backward_s"] * 1e3,
+             "grad_err": r["grad_rel_error"], "grad_err64": r["grad_rel_error_f64"]}
+            for p, per in banax.get("results", {}).items() for n, r in per.items()]
+
+
+# --------------------------------------------------------------------------
 # Where Anderson's time goes
 # --------------------------------------------------------------------------
 
@@ -1227,7 +1344,17 @@ def main(argv=None) -> dict[str, Any]:
             "reason": "jaxopt.Broyden at its defaults takes tens of seconds per forward at the real sizes",
         }
 
-    targets = evaluate_targets(results)
+    if prof == "full":
+        problem_npz = args.out / f"{NAME}_problem.npz"
+        if "npz" not in problem_info:
+            problem_npz = args.out / f"{NAME}_problem_banax.npz"
+            np.savez(problem_npz, **arrays)
+        payload["banax"] = run_banax(problem_npz, refs, repeats=50, rounds=5, timeout=900.0)
+    else:
+        payload["banax"] = {"status": "skipped", "reason": "measured in --profile full only (about 2 min)"}
+    loadavg["after_banax"] = _loadavg()
+
+    targets = evaluate_targets(results) + banax_targets(results, payload["banax"])
     payload["targets"] = targets
     loadavg["end"] = _loadavg()
     payload["load_average"] = loadavg
@@ -1251,6 +1378,11 @@ def main(argv=None) -> dict[str, Any]:
         C.print_table([{"piece": k, "us": v * 1e6} for k, v in {**bd["per_step_s"], **{
             k: v for k, v in bd["derived"].items() if k.endswith("_s")}}.items()],
             ["piece", ("us", "us per step")], title="Anderson per-step breakdown (compiled loops)")
+    if payload["banax"].get("status") == "measured":
+        C.print_table(banax_rows(payload["banax"]),
+                      ["problem", "solver", "deq", "backward", "steps", "residual", "conv", ("fwd_ms", "fwd ms"),
+                       ("fwdbwd_ms", "fwd+bwd ms"), ("grad_err", "grad rel err"), ("grad_err64", "vs f64")],
+                      title=f"banax {payload['banax']['versions'].get('banax')} (own process, after deq's rows)")
     for key in ("optimistix_default_adjoint", "jaxopt_broyden_default"):
         print(f"{key}: " + ", ".join(f"{k}={C.fmt(v)}" for k, v in payload[key].items()
                                      if not isinstance(v, dict) and k not in ("note", "reason")))
