@@ -832,7 +832,8 @@ def batch_stream(
 
 
 def evaluate(
-    model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int, *, mesh: Mesh | None = None
+    model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int, *, mesh: Mesh | None = None,
+    stream_slots: int | None = None,
 ) -> dict[str, float]:
     """Accuracy, mean cross-entropy and mean model info over `(x, y)`, in the model's current mode.
 
@@ -846,6 +847,10 @@ def evaluate(
       y: integer targets.
       batch_size: samples per batch, divisible by the mesh size.
       mesh: data-parallel mesh (default `make_mesh()`: all devices).
+      stream_slots: evaluate the whole of `x` in one call with continuous batching instead
+        (`deq.nn.stream(model, x, slots=stream_slots)`: every `deq.nn.DEQ` of the model solves
+        with that many slots, refilled as samples converge; `batch_size` is then unused). One
+        device only.
 
     Returns:
       `{"loss", "accuracy", **info}` as floats; `info` entries are averaged over batches
@@ -865,10 +870,12 @@ def evaluate(
       (['accuracy', 'depth', 'loss'], 1.0)
     """
     mesh = make_mesh() if mesh is None else mesh
-    _check_divisible("batch_size", batch_size, mesh)
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"evaluate needs matching non-empty x and y, got {x.shape} and {y.shape}.")
+    if stream_slots is not None:
+        return _evaluate_streamed(model, x, y, stream_slots, mesh)
+    _check_divisible("batch_size", batch_size, mesh)
     totals: dict[str, float] = {}
     info_sums: dict[str, float] = {}
     for start in range(0, len(x), batch_size):
@@ -884,6 +891,22 @@ def evaluate(
     result = {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct_sum"] / totals["count"]}
     result.update({k: v / len(x) for k, v in info_sums.items()})
     return result
+
+
+def _evaluate_streamed(model, x, y, slots, mesh) -> dict[str, float]:
+    """`evaluate` over all of `x` at once, every DEQ layer solving with continuous batching."""
+    from .nn import stream
+
+    if mesh.size != 1:
+        raise ValueError(
+            f"evaluate: `stream_slots` evaluates on one device, but the mesh has {mesh.size} devices. "
+            "Pass mesh=deq.train.make_mesh(jax.devices()[:1]), or drop stream_slots to evaluate in batches."
+        )
+    logits, info = stream(model, jnp.asarray(x), slots=slots)
+    losses, correct = cross_entropy(logits, jnp.asarray(y))
+    out = {"loss": float(jnp.mean(losses)), "accuracy": float(jnp.mean(correct))}
+    out.update({k: float(v) for k, v in jax.device_get(info).items()})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

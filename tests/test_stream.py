@@ -301,3 +301,19 @@ def test_docstring_examples_run(name):
     with jax.enable_x64(False):
         result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_train_evaluate_with_stream_slots_equals_batched_evaluation():
+    from deq.nn.models import DEQClassifier
+    from deq.train import evaluate
+
+    model = DEQClassifier(6, 8, 3, rngs=nnx.Rngs(0), solver=deq.Broyden(rtol=1e-9, atol=1e-10, max_steps=60))
+    model.eval()
+    x = np.asarray(jax.random.normal(jax.random.key(1), (13, 6)))
+    y = np.arange(13) % 3
+    mesh = deq.train.make_mesh(jax.devices()[:1])
+    batched = evaluate(model, x, y, 13, mesh=mesh)
+    streamed = evaluate(model, x, y, 13, mesh=mesh, stream_slots=4)
+    assert set(streamed) == set(batched)
+    for k in batched:
+        np.testing.assert_allclose(streamed[k], batched[k], rtol=1e-6, atol=1e-9, err_msg=k)
