@@ -1,6 +1,6 @@
 """Static checks of the tutorial notebooks in notebooks/ (their execution is checked by nbmake).
 
-The five numbered notebooks must exist, each paired (jupytext, percent format) with a script of
+The six numbered notebooks must exist, each paired (jupytext, percent format) with a script of
 the same name holding the same cells, be committed with their outputs (at least one rendered
 plot each, so they read well on the repository browser), import only deq's public API, and cite
 the papers they build on in their markdown.
@@ -21,6 +21,7 @@ EXPECTED = {
     "03": "03_deq_vs_explicit.ipynb",
     "04": "04_convergence_guarantees.ipynb",
     "05": "05_gradients.ipynb",
+    "06": "06_language_model.ipynb",
 }
 # A reference is an author name followed (on the same line or the next) by a year, e.g.
 # "Bai, Kolter & Koltun, *Deep Equilibrium Models*, NeurIPS 2019" or "(Walker & Ni 2011)".
@@ -47,7 +48,7 @@ def _source(cell: dict) -> str:
 def test_numbered_notebooks_exist():
     numbered = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     assert numbered == sorted(EXPECTED.values()), f"expected exactly {sorted(EXPECTED.values())}, found {numbered}"
-    assert [n[:2] for n in numbered] == ["01", "02", "03", "04", "05"]
+    assert [n[:2] for n in numbered] == ["01", "02", "03", "04", "05", "06"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED.values()))
