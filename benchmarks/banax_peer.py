@@ -147,7 +147,8 @@ def _forward_kw() -> dict[str, Any]:
     return {"rtol": 0.0, "atol": TOL, "max_steps": MAX_STEPS}
 
 
-def make_configs(banax_solver, banax_adjoint, tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def make_configs(banax_solver, banax_adjoint, tuned: dict[str, dict[str, Any]],
+                 b_rtols: tuple[float, ...] = ()) -> dict[str, dict[str, Any]]:
     """``{row name: {"adjoint": banax Adjoint, "deq": counterpart, "kind": solver|backward, ...}}``."""
     S, A = banax_solver, banax_adjoint
     kw = _forward_kw()
@@ -174,6 +175,11 @@ def make_configs(banax_solver, banax_adjoint, tuned: dict[str, dict[str, Any]]) 
         out[name] = {**r, "kind": "solver", "adjoint": implicit(r["solver"]),
                      "backward": f"Implicit(b_solver=Anderson({B_SOLVER}))", "backward_deq": "deq.IFT()"}
     anderson = S.Anderson(**kw)
+    for rtol in b_rtols:  # the IFT adjoint solved tighter (e.g. to deq.IFT()'s derived tolerance)
+        b = {**B_SOLVER, "rtol": rtol}
+        out[f"banax.Anderson + Implicit(b rtol={rtol:g})"] = dict(
+            kind="backward", solver=anderson, adjoint=A.Implicit(solver=anderson, b_solver=S.Anderson(**b)),
+            deq="deq.Anderson", backward=f"Implicit(b_solver=Anderson({b}))", backward_deq="deq.IFT()")
     phantom = S.Relaxed(damp=0.5, max_steps=5, rtol=0.0, atol=0.0, loop_kind="bounded")
     out["banax.Anderson + JFB"] = dict(kind="backward", solver=anderson, adjoint=A.JFB(solver=anderson),
                                        deq="deq.Anderson", backward="JFB", backward_deq="deq.JFB()")
@@ -342,6 +348,9 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-tune", action="store_true", help="skip the Anderson / Broyden grids")
+    ap.add_argument("--b-rtol", type=float, action="append", default=[],
+                    help="also a backward row banax.Anderson + Implicit with this b_solver rtol (repeatable); "
+                         "deq.IFT()'s default derives rtol = atol_f / ||f(z*)|| = 1e-4 / 43 = 2.3e-6 on this problem")
     ap.add_argument("--out", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -369,7 +378,7 @@ def main(argv=None) -> dict[str, Any]:
 
     chosen, grid = ({}, {"status": "skipped (--no-tune)"}) if args.no_tune else tune(banax_solver, problems, z0_shape, log)
     load["after_tuning"] = _loadavg()
-    configs = make_configs(banax_solver, banax_adjoint, chosen)
+    configs = make_configs(banax_solver, banax_adjoint, chosen, tuple(args.b_rtol))
     results = measure(configs, problems, z0_shape, args.repeats, args.rounds, refs, refs64, log)
     load["end"] = _loadavg()
     try:
