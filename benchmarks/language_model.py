@@ -112,6 +112,11 @@ def _parser():
     return parser
 
 
+def parse_args(argv=None):
+    """The command line (the shared options of every benchmark, plus ``--models``)."""
+    return _parser().parse_args(argv)
+
+
 # --------------------------------------------------------------------------------------------
 # Models and training
 # --------------------------------------------------------------------------------------------
@@ -411,7 +416,7 @@ def plot(res: dict, out) -> None:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     kinds = [k for k in args.models.split(",") if k]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:

@@ -20,7 +20,7 @@ import pytest
 from benchmarks import _common as C
 
 BENCHMARKS = ("deq_vs_explicit", "memory", "inference", "test_time_compute", "backward", "solvers",
-              "mondeq_digits", "reversible")
+              "mondeq_digits", "reversible", "batching", "language_model")
 
 #: Modules whose import makes ``--help`` slow (JAX alone takes seconds).
 HEAVY = ("jax", "jaxlib", "flax", "optax", "deq", "matplotlib", "torch", "sklearn")

@@ -35,7 +35,9 @@ SOLVERS = [
     lambda m: deq.Anderson(rtol=1e-10, atol=1e-12, max_steps=m, history_size=3),
     lambda m: deq.Broyden(rtol=1e-10, atol=1e-12, max_steps=m),
 ]
-BACKWARDS = [deq.IFT(warn=False), deq.Unrolled()]  # JFB and PhantomGrad run the same stopped loop as IFT
+# Unrolled differentiates the budgeted loop itself; IFT, JFB and PhantomGrad differentiate at the
+# returned value, whose equality with the static solve is checked above.
+BACKWARDS = [deq.Unrolled()]
 
 
 def _solve(solver, p, z0, budget=None, backward=None, batch_axis=0):
