@@ -69,6 +69,7 @@ def test_forward_and_second_order_match_finite_differences(name):
     np.testing.assert_allclose(hv, (g(x + eps * v) - g(x - eps * v)) / (2 * eps), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow  # the Hessian-vector products above cover second order for every adjoint
 def test_full_jacobians_and_hessian_with_the_default_adjoint():
     W, x = _params()
     sol = lambda x: deq.fixed_point(cell, jnp.zeros(3), {"W": W, "x": x}, solver=TIGHT).value  # noqa: E731
