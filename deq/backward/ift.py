@@ -189,13 +189,6 @@ class IFT(AbstractBackward):
 TANGENT_RESIDUAL = "||J t + b - t||"
 
 
-def _float0_like(tree):
-    """Zero tangents for a pytree of outputs: zeros for floating leaves, float0 for the others."""
-    def zero(a):
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            return jnp.zeros_like(a)
-        return np.zeros(a.shape, jax.dtypes.float0)
-    return jax.tree_util.tree_map(zero, tree)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
@@ -229,10 +222,11 @@ def _ift_linear_jvp(fn, solver, backward, throw, primals, tangents):
         return backward.linear_solve(lambda v: v - vecmat(v), rhs, throw, forward=solver, fx_norm=fx_norm)[0]
 
     t = jax.lax.custom_linear_solve(lambda v: v - J(v), b, solve, transpose_solve)
-    return (x_star, out), (t, _float0_like(out))
+    return (x_star, out), (t, jax.tree_util.tree_map(_zero_tangent, out))
 
 
 def _zero_tangent(leaf):
+    """A zero tangent for `leaf`: zeros for a floating leaf, float0 for an integer or bool one."""
     if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
         return jnp.zeros_like(leaf)
     return np.zeros(jnp.shape(leaf), jax.dtypes.float0)
