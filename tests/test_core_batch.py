@@ -74,7 +74,7 @@ def test_converged_samples_stop_changing(cell, name):
     alone = deq.fixed_point(P.tanh_cell, jnp.zeros(cell.n), (cell.params, cell.x[easy]), solver=TIGHT[name])
     assert int(alone.stats.num_steps) == steps[easy]
     # equal up to rounding (batched and unbatched matmuls may round differently) ...
-    np.testing.assert_allclose(np.asarray(batched.value[easy]), np.asarray(alone.value), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(batched.value[easy]), np.asarray(alone.value), rtol=0, atol=1e-12)
     # ... and the residual is that of step steps[easy]: had the row kept iterating for the
     # steps[hard] - steps[easy] further steps, it would be orders of magnitude smaller.
     assert steps[hard] - steps[easy] >= 2
