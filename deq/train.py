@@ -704,7 +704,17 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
                 f"data-parallel training, got an array of shape {np.shape(leaf)}. Pass a "
                 f"batch_size that is a multiple of {n}."
             )
-    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+    sharding = NamedSharding(mesh, P("data"))
+    if sharding.is_fully_addressable:
+        return jax.device_put(batch, sharding)
+    # Several processes: every process holds the same global batch and feeds only the rows its
+    # own devices hold (`make_array_from_callback` reads just the addressable shards' indices).
+    return jax.tree.map(lambda a: _global_array(np.asarray(a), sharding), batch)
+
+
+def _global_array(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array over a multi-process `sharding` from a copy of it in every process."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -725,10 +735,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
       True
     """
     sharding = NamedSharding(mesh, P())
+    put = (functools.partial(jax.device_put, device=sharding) if sharding.is_fully_addressable
+           else lambda t: jax.tree.map(lambda a: _replicated(a, sharding), t))
     if isinstance(tree, (nnx.Module, nnx.Optimizer)) or _is_graph_node(tree):
-        nnx.update(tree, jax.device_put(nnx.state(tree), sharding))
+        nnx.update(tree, put(nnx.state(tree)))
         return tree
-    return jax.device_put(tree, sharding)
+    return put(tree)
+
+
+def _replicated(a: Any, sharding: NamedSharding) -> Any:
+    """`a` (the same value in every process) replicated over a multi-process `sharding`."""
+    if _is_key(a):
+        return jax.random.wrap_key_data(_replicated(jax.random.key_data(a), sharding), impl=jax.random.key_impl(a))
+    if isinstance(a, jax.Array) and a.sharding == sharding:
+        return a
+    return _global_array(np.asarray(jax.device_get(a)) if isinstance(a, jax.Array) else np.asarray(a), sharding)
 
 
 def _is_graph_node(x: Any) -> bool:
@@ -993,10 +1014,10 @@ class History:
 class _Logger:
     """Writes records to `log_dir/metrics.jsonl` and, optionally, TensorBoard."""
 
-    def __init__(self, config: TrainConfig, history: History, start_step: int):
+    def __init__(self, config: TrainConfig, history: History, start_step: int, *, write: bool = True):
         self._file = None
         self._writer = None
-        if config.log_dir is None:
+        if config.log_dir is None or not write:  # several processes: process 0 writes
             return
         log_dir = Path(config.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -1030,10 +1051,10 @@ class _Logger:
             self._writer.close()
 
 
-def _progress_bar(config: TrainConfig, total: int, start: int):
+def _progress_bar(config: TrainConfig, total: int, start: int, *, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    enabled = config.progress and sys.stderr is not None and sys.stderr.isatty()
+    enabled = enabled and config.progress and sys.stderr is not None and sys.stderr.isatty()
     return tqdm(total=total, initial=start, disable=not enabled, unit="step", desc="fit", dynamic_ncols=True)
 
 
@@ -1522,6 +1543,21 @@ def _check_model(model, x_train, y_train, x_test, y_test, batch_size: int, num_c
         )
 
 
+def _check_processes_agree(model, *, dataset_arrays, config: TrainConfig, mesh: Mesh, resume: bool) -> None:
+    """Several processes: the same config, data, initial parameters and mesh in all of them (a
+    `ValueError` naming what differs, raised in every process), before anything is replicated."""
+    if jax.process_count() == 1:
+        return
+    from deq.distributed import check_same
+
+    names = ("x_train", "y_train", "x_test", "y_test")
+    check_same("fit", {
+        "config": dataclasses.asdict(config), "resume": resume, **dict(zip(names, dataset_arrays)),
+        "mesh": [list(mesh.axis_names), list(mesh.devices.shape)],
+        "initial parameters": jax.device_get(_pure_state(model, nnx.Param)),
+    })
+
+
 def fit(
     model: nnx.Module,
     dataset: Any,
@@ -1606,6 +1642,8 @@ def fit(
     checkpoint_path = None if config.checkpoint_dir is None else _checkpoint_path(config.checkpoint_dir)
     model.train()
     _check_model(model, x_train, y_train, x_test, y_test, config.batch_size, num_classes)
+    _check_processes_agree(model, dataset_arrays=(x_train, y_train, x_test, y_test), config=config,
+                           mesh=mesh, resume=resume)
 
     started = time.perf_counter()
     lrs = _lr_table(config.learning_rate, config.warmup_steps, total)
@@ -1633,8 +1671,9 @@ def fit(
             for old_step in manager.all_steps():  # orbax would silently keep a stale step
                 manager.delete(old_step)
         history.start_step = start
-        logger = _Logger(config, history, start)
-        bar = _progress_bar(config, total, start)
+        primary = jax.process_index() == 0
+        logger = _Logger(config, history, start, write=primary)
+        bar = _progress_bar(config, total, start, enabled=primary)
 
         def emit(record: dict[str, Any]) -> bool:
             (history.train if record["kind"] == "train" else history.eval).append(record)
@@ -1682,6 +1721,10 @@ def fit(
             if manager is not None and (stop or step == total or step % config.checkpoint_every == 0):
                 _save(manager, step, model, optimizer,
                       _meta(step, step // per_epoch, per_epoch, config, num_train, history))
+                if jax.process_count() > 1:
+                    # Across processes orbax commits a save at the next barrier (the next save):
+                    # a run killed before it would find no checkpoint. Commit it now.
+                    manager.wait_until_finished()
             bar.update(1)
             if bar.n % max(1, total // 200) == 0:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}", refresh=False)
