@@ -83,9 +83,12 @@ def launch(argv: Sequence[str], *, processes: int, cpu_devices: int | None = Non
     status = 0
     try:
         while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed:
-                status = failed[0]
+                i, status = failed[0]
+                why = (" (aborted: JAX's runtime ends a process whose peers did not join within "
+                       f"--init-timeout={init_timeout} s, or died)" if status == -signal.SIGABRT else "")
+                sys.stderr.write(f"deq.launch: process {i} exited with status {status}{why}; stopping the others.\n")
                 break
             if deadline is not None and time.monotonic() > deadline:
                 status = 124
