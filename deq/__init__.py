@@ -24,6 +24,9 @@ Backward strategies (how a solve is differentiated)
     PhantomGrad, JFB       -- phantom gradient (Geng et al. 2021), Jacobian-free backprop (Fung et al. 2022)
     Unrolled               -- backprop through every solver step: the reference
     Reversible             -- exact gradient of ReversibleIteration by reversing its steps (McCallum et al. 2025)
+    SHINE(refine=0)        -- the adjoint from the forward Broyden's inverse estimate (Ramzi et al. 2022);
+                              refine=0 is Broyden-preconditioned JFB; fixed_point(..., adjoint_init=u)
+                              warm-starts IFT's adjoint (the gradient w.r.t. u is the new adjoint)
     AbstractBackward       -- the base class
 What a solve returns
     Solution(value, stats)  -- the lowest-residual iterate and its Stats
@@ -68,6 +71,7 @@ from .backward import NonConvergenceWarning as NonConvergenceWarning
 from .backward import PhantomGrad as PhantomGrad
 from .backward import Unrolled as Unrolled
 from .backward import Reversible as Reversible
+from .backward import SHINE as SHINE
 from .solvers import GMRES as GMRES
 from .solvers import AbstractSolver as AbstractSolver
 from .solvers import Best as Best

@@ -41,7 +41,7 @@ def _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch=Fals
     if not isinstance(backward, AbstractBackward):
         raise TypeError(
             f"fixed_point: `backward` must be a deq backward strategy (deq.IFT(), deq.PhantomGrad(), "
-            f"deq.JFB(), deq.Unrolled() or deq.Reversible()), got {backward!r}."
+            f"deq.JFB(), deq.Unrolled(), deq.Reversible() or deq.SHINE()), got {backward!r}."
         )
     if batch_axis not in (None, 0) or isinstance(batch_axis, bool):
         raise ValueError(
@@ -189,8 +189,28 @@ def _empty_solution(z0, solver, dtype):
     return Solution(value=z0, stats=stats)
 
 
-def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget=None):
+def _check_adjoint_init(adjoint_init, z0, backward):
+    """Validate a warm start of the adjoint solve: an IFT backward and a pytree shaped like `z0`."""
+    if not isinstance(backward, IFT):
+        raise TypeError(
+            f"fixed_point: `adjoint_init` warm-starts the adjoint solve of deq.IFT, but got "
+            f"backward={backward!r}, which has none. Pass backward=deq.IFT(...) with it, or drop adjoint_init."
+        )
+    want = jax.tree_util.tree_map(lambda l: (jnp.shape(l), jnp.result_type(l)), z0)
+    got = jax.tree_util.tree_map(lambda l: (jnp.shape(l), jnp.result_type(l)), adjoint_init)
+    if jax.tree_util.tree_structure(adjoint_init) != jax.tree_util.tree_structure(z0) or want != got:
+        raise ValueError(
+            f"fixed_point: `adjoint_init` must be a pytree shaped like `z0`: got {_describe(adjoint_init)}, "
+            f"expected {_describe(z0)}. Pass the adjoint of the previous step (the gradient with respect to "
+            f"adjoint_init), or jax.tree_util.tree_map(jnp.zeros_like, z0) at the first step."
+        )
+
+
+def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget=None,
+          adjoint_init=None):
     _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch)
+    if adjoint_init is not None:
+        _check_adjoint_init(adjoint_init, z0, backward)
     packer = _tree.make_packer(z0, batch_axis)
     if packer.rows == 0:  # an empty batch: nothing to solve
         return _empty_solution(z0, solver, packer.dtype)
@@ -214,6 +234,8 @@ def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backwar
         extra["probe"] = backward_stats
     if budget is not None:
         extra["budget"] = budget
+    if adjoint_init is not None:
+        extra["adjoint_init"] = packer.pack(jax.tree_util.tree_map(jnp.asarray, adjoint_init))
     x_star, out = backward.solve(fn, solver, x0, (args, consts), throw, **extra)
     if throw:
         x_star = report("the forward solve", out, x_star, throw=True, warn=False)
@@ -236,7 +258,8 @@ _impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6, 7))
 
 @strict_kwargs
 def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False,
-                check_batch=False, backward_stats=None, max_steps=None, has_aux=False) -> Solution:
+                check_batch=False, backward_stats=None, max_steps=None, has_aux=False,
+                adjoint_init=None) -> Solution:
     r"""Solve `z* = f(z*, args)` and differentiate `z*` with respect to `args`.
 
     The forward pass runs `solver` from `z0` until `||f(z) - z|| <= atol + rtol ||f(z)||` (l2
@@ -281,6 +304,13 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
         `f(value, args)[1]`, the auxiliary output at the returned iterate, computed by one more
         evaluation of `f` after the solve and differentiable (through `value` by the backward
         strategy, and through `args` directly).
+      adjoint_init: a warm start for the adjoint solve of `deq.IFT` (a pytree shaped like `z0`,
+        e.g. the previous training step's adjoint of the same samples). The loss does not depend
+        on it; its "gradient" is the newly solved adjoint `u = J_f^T u + dL/dz*`, to pass back in
+        at the next step (`jax.grad(loss, argnums=(0, 1))(params, u)` returns `(grads, u_new)`;
+        start with zeros). It changes where the adjoint solve starts, not what it solves: the
+        gradient is IFT's whenever the adjoint converges, in fewer steps when `adjoint_init` is
+        close. Reverse mode only (a custom VJP, as with `backward_stats`); no hidden state.
 
     Returns:
       A `Solution` with `value` (shaped like `z0`) and `stats` (`num_steps`, `residual_norm`,
@@ -311,6 +341,14 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
       >>> [int(solve(k)) for k in (1, 2, 3)]
       [1, 2, 3]
 
+      The adjoint warm-started from the previous step's (its gradient is the new adjoint):
+
+      >>> loss = lambda p, u: deq.fixed_point(f, jnp.zeros(3), p, adjoint_init=u).value.sum()
+      >>> grads, u = jax.grad(loss, argnums=(0, 1))(p, jnp.zeros(3))
+      >>> grads2, _ = jax.grad(loss, argnums=(0, 1))(p, u)  # starts at the solved adjoint
+      >>> bool(jnp.allclose(grads["x"], grads2["x"], rtol=1e-4)), u.shape
+      (True, (3,))
+
     References:
       Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
@@ -324,10 +362,10 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
             raise TypeError(f"fixed_point: `f` must be callable as f(z, args) -> (z, aux), got {type(f).__name__}.")
         sol = fixed_point(_split_aux(f, z0, args), z0, args, solver=solver, backward=backward,
                           batch_axis=batch_axis, throw=throw, check_batch=check_batch,
-                          backward_stats=backward_stats, max_steps=max_steps)
+                          backward_stats=backward_stats, max_steps=max_steps, adjoint_init=adjoint_init)
         return dataclasses.replace(sol, aux=f(sol.value, args)[1])
     budget = _check_budget(max_steps, solver) if isinstance(solver, AbstractSolver) else max_steps
-    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget)
+    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget, adjoint_init)
     try:
         hash(f)
         impl = _impl_jit

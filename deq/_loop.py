@@ -96,7 +96,7 @@ def step_limit(max_steps: int, budget: Optional[jax.Array]):
 
 def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: bool = False,
         rhs_norm: Optional[jax.Array] = None, rtol: Optional[jax.Array] = None,
-        budget: Optional[jax.Array] = None) -> LoopOutput:
+        budget: Optional[jax.Array] = None, return_state: bool = False):
     """Run `solver` on the packed map `F: (B, n) -> (B, n)` from `x0`.
 
     Args:
@@ -111,9 +111,11 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
       budget: an optional runtime step budget (an int32 scalar, possibly traced) below the
         solver's static `max_steps`: the loop stops after `min(budget, max_steps)` steps. The
         compiled loop does not depend on its value (the history keeps `max_steps + 1` columns).
+      return_state: also return the solver's final state (e.g. Broyden's low-rank inverse-Jacobian
+        estimate, which `deq.SHINE` reuses in the backward pass).
 
     Returns:
-      A `LoopOutput`.
+      A `LoopOutput`, or `(LoopOutput, state)` with `return_state=True`.
     """
     atol, max_steps = solver.atol, solver.max_steps
     rtol = solver.rtol if rtol is None else rtol
@@ -185,4 +187,5 @@ def run(solver, F: Callable[[jax.Array], jax.Array], x0: jax.Array, *, unroll: b
     result = result_codes(carry.converged, carry.diverged, carry.nonfinite)
     # A sample whose start was non-finite has no finite iterate: report it as such.
     best_res = jnp.where(jnp.isfinite(carry.best_res), carry.best_res, jnp.nan)
-    return LoopOutput(carry.best_x, best_res, carry.steps, carry.converged, result, carry.history, carry.best_fx)
+    out = LoopOutput(carry.best_x, best_res, carry.steps, carry.converged, result, carry.history, carry.best_fx)
+    return (out, carry.state) if return_state else out

@@ -7,3 +7,4 @@ from .approximate import PhantomGrad as PhantomGrad
 from .approximate import Unrolled as Unrolled
 from .ift import IFT as IFT
 from .reversible import Reversible as Reversible
+from .shine import SHINE as SHINE

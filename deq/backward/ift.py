@@ -127,40 +127,45 @@ class IFT(AbstractBackward):
                 "Pass e.g. IFT(solver=deq.Anderson(max_steps=50))."
             )
 
-    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None):
-        if probe is None:
+    def solve(self, fn, solver, x0, params, throw, probe=None, budget=None, adjoint_init=None):
+        if probe is None and adjoint_init is None:
             return _ift_linear(fn, solver, self, throw, x0, params, budget)
-        # The backward statistics arrive as a cotangent: a custom VJP delivers them.
-        return _ift(fn, solver, self, throw, x0, params, probe, budget)
+        # The backward statistics, and the new adjoint of a warm start, arrive as cotangents: a
+        # custom VJP delivers them.
+        return _ift(fn, solver, self, throw, x0, params, probe, budget, adjoint_init)
 
-    def adjoint(self, fn, x_star, params, g, throw, vjp=None, forward=None, fx_norm=None):
+    def adjoint(self, fn, x_star, params, g, throw, vjp=None, forward=None, fx_norm=None, init=None):
         """Solve the adjoint `u = J_f^T u + g` at `x_star`; returns `(u, loop_output)`.
 
         `vjp`, if given, is `jax.vjp(fn, x_star, params)[1]` (saves linearizing `fn` again).
         `forward` is the forward solver and `fx_norm` the `(B,)` norms `||f(z*)||`, from which
         the default tolerance is derived (without them, the forward is taken as `Anderson()`).
+        `init` is the adjoint solve's starting point (default `g`).
         """
         if vjp is None:
             _, vjp = jax.vjp(fn, x_star, params)
         vjp_x = lambda u: vjp(u)[0]  # the parameter cotangent is dead code inside the loop
         if fx_norm is None and self.solver is None:
             fx_norm = row_norm(fn(x_star, params))
-        return self.linear_solve(vjp_x, g, throw, forward=forward, fx_norm=fx_norm)
+        return self.linear_solve(vjp_x, g, throw, forward=forward, fx_norm=fx_norm, init=init)
 
     def linear_solve(self, J, b, throw, *, forward=None, fx_norm=None, what="the IFT backward (adjoint) solve",
-                     residual_name=ADJOINT_RESIDUAL):
+                     residual_name=ADJOINT_RESIDUAL, init=None):
         """Solve the linear fixed-point problem `u = J(u) + b` (rows independent) with this
         strategy's solver and tolerance rule, reporting failure; returns `(u, loop_output)`.
 
         `J` is `v -> J_f^T v` for the adjoint, or `v -> J_f v` for the tangent of forward mode.
+        `init` is the starting point (default `b`: one step from zero); the stopping test is
+        relative to `||b||` whatever the start.
         """
         h = lambda u: J(u) + b
         b_norm = row_norm(b)
+        start = b if init is None else init
         if isinstance(self.solver, GMRES):
             s = self.solver
             restart, maxiter = s.cycles()  # max_steps counts products, as in every solver
             u, _ = jax.scipy.sparse.linalg.gmres(
-                lambda u: u - J(u), b, x0=b, tol=s.rtol, atol=s.atol,
+                lambda u: u - J(u), b, x0=start, tol=s.rtol, atol=s.atol,
                 restart=restart, maxiter=maxiter, solve_method="batched",
             )
             hu = h(u)
@@ -180,7 +185,7 @@ class IFT(AbstractBackward):
             else:
                 solver, rtol = self.solver, None
             fixed_budget = solver.rtol == 0 and solver.atol == 0
-            out = _loop.run(solver, h, b, rhs_norm=b_norm, rtol=rtol)
+            out = _loop.run(solver, h, start, rhs_norm=b_norm, rtol=rtol)
         warn = (self.warn or throw) and not fixed_budget
         u = report(what, out, out.x, throw=throw and not fixed_budget, warn=warn, residual_name=residual_name)
         return u, out
@@ -233,25 +238,28 @@ def _zero_tangent(leaf):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ift(fn, solver, backward, throw, x0, params, probe, budget):
+def _ift(fn, solver, backward, throw, x0, params, probe, budget, u0=None):
+    """IFT as a custom VJP, for what arrives as cotangents: the adjoint's statistics (`probe`,
+    a `deq.BackwardStats`) and, for a warm start, the new adjoint itself (`u0`, the packed
+    `(B, n)` starting point of the adjoint solve, whose cotangent is the solved `u`)."""
     out = _loop.run(solver, lambda x: fn(x, params), x0, budget=budget)
     return out.x, out
 
 
-def _ift_fwd(fn, solver, backward, throw, x0, params, probe, budget):
-    x_star, out = _ift(fn, solver, backward, throw, x0, params, probe, budget)
-    return (x_star, out), (x_star, params, row_norm(out.fx), probe)
+def _ift_fwd(fn, solver, backward, throw, x0, params, probe, budget, u0=None):
+    x_star, out = _ift(fn, solver, backward, throw, x0, params, probe, budget, u0)
+    return (x_star, out), (x_star, params, row_norm(out.fx), probe, u0)
 
 
 def _ift_bwd(fn, solver, backward, throw, residuals, cts):
-    x_star, params, fx_norm, probe = residuals
+    x_star, params, fx_norm, probe, u0 = residuals
     g = cts[0]
     # One linearization of f at z* serves the adjoint solve and the parameter gradient.
     _, vjp = jax.vjp(fn, x_star, params)
-    u, out = backward.adjoint(fn, x_star, params, g, throw, vjp=vjp, forward=solver, fx_norm=fx_norm)
+    u, out = backward.adjoint(fn, x_star, params, g, throw, vjp=vjp, forward=solver, fx_norm=fx_norm, init=u0)
     g_params = vjp(u)[1]
-    # The step budget is an integer: no cotangent.
-    return jnp.zeros_like(x_star), g_params, probe_cotangent(probe, out), None
+    # The step budget is an integer: no cotangent. A warm start's "cotangent" is the new adjoint.
+    return jnp.zeros_like(x_star), g_params, probe_cotangent(probe, out), None, None if u0 is None else u
 
 
 _ift.defvjp(_ift_fwd, _ift_bwd)
