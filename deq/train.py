@@ -74,6 +74,7 @@ from jax.sharding import PartitionSpec as P
 from deq._errors import clean_errors
 from deq.backward import IFT
 from deq.data import iterate_batches, num_batches
+from deq.distributed import check_same, is_primary
 from deq.nn._layer import DEQ, BackwardProbe, backward_stats, enable_backward_stats
 from deq.regularize import JacobianSchedule
 
@@ -1548,8 +1549,6 @@ def _check_processes_agree(model, *, dataset_arrays, config: TrainConfig, mesh: 
     `ValueError` naming what differs, raised in every process), before anything is replicated."""
     if jax.process_count() == 1:
         return
-    from deq.distributed import check_same
-
     names = ("x_train", "y_train", "x_test", "y_test")
     check_same("fit", {
         "config": dataclasses.asdict(config), "resume": resume, **dict(zip(names, dataset_arrays)),
@@ -1671,7 +1670,7 @@ def fit(
             for old_step in manager.all_steps():  # orbax would silently keep a stale step
                 manager.delete(old_step)
         history.start_step = start
-        primary = jax.process_index() == 0
+        primary = is_primary()
         logger = _Logger(config, history, start, write=primary)
         bar = _progress_bar(config, total, start, enabled=primary)
 
