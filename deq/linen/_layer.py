@@ -124,6 +124,8 @@ class DEQ(nn.Module):
         receive the adjoint's statistics (see `deq.BackwardStats`).
       max_steps: a runtime step budget up to the active solver's `max_steps` (an integer or a
         traced integer scalar; changing it does not recompile, see `deq.fixed_point`).
+      adjoint_init: with `deq.IFT`, a warm start for the adjoint solve shaped like the state;
+        its gradient is the newly solved adjoint (see `deq.fixed_point`).
 
     Returns:
       `z*`, or a `deq.Solution` with per-sample stats when `return_solution=True`.
@@ -189,6 +191,7 @@ class DEQ(nn.Module):
         deterministic: Optional[bool] = None,
         backward_stats: Any = None,
         max_steps: Any = None,
+        adjoint_init: Any = None,
     ):
         default_solver, backward = self._config()
         if deterministic is None:
@@ -212,7 +215,7 @@ class DEQ(nn.Module):
         sol: Solution = solve_with_hints(
             f, z0, (variables, x), origin=origin, solver=solver, backward=backward,
             batch_axis=self.batch_axis, throw=self.throw, backward_stats=backward_stats,
-            max_steps=max_steps, has_aux=self.has_aux,
+            max_steps=max_steps, has_aux=self.has_aux, adjoint_init=adjoint_init,
         )
         if return_solution:
             return sol

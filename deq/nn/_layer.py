@@ -523,6 +523,9 @@ class DEQ(nnx.Module):
       max_steps: a runtime step budget up to the active solver's `max_steps`: an integer or a
         traced integer scalar; changing it does not recompile a jitted model (see
         `deq.fixed_point`). None runs up to the solver's `max_steps`.
+      adjoint_init: with the `deq.IFT` backward, a warm start for the adjoint solve, shaped like
+        the state (e.g. the previous training step's adjoint for the same samples); its
+        gradient is the newly solved adjoint (see `deq.fixed_point`). None starts from zero.
 
     Returns:
       `z*` shaped like the state, or a `deq.Solution` when `return_solution=True` (stats per
@@ -623,7 +626,7 @@ class DEQ(nnx.Module):
 
     @strict_kwargs
     def __call__(self, x, z0=None, *, return_solution: bool = False, solver: Optional[AbstractSolver] = None,
-                 backward_stats=None, max_steps=None):
+                 backward_stats=None, max_steps=None, adjoint_init=None):
         solver = self.active_solver(solver)
         check_cell_input(self.cell, x, self.batch_axis)
         before_solve = getattr(self.cell, "before_solve", None)
@@ -643,6 +646,7 @@ class DEQ(nnx.Module):
             _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
             backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
             backward_stats=backward_stats, max_steps=max_steps, has_aux=self.has_aux,
+            adjoint_init=adjoint_init,
         )
         if return_solution:
             return sol
