@@ -27,6 +27,17 @@ checks the machinery). ``settings.cell`` in the JSON says which one ran.
   by the solve (``stats.num_steps``) and reported (``num_steps_min/max``, ``steps_ok``). The backward pass is the implicit function
   theorem (adjoint fixed point with the default Anderson adjoint solver), so nothing of the
   forward iterations is stored.
+* ``reversible`` and ``reversible_flat`` (quick/full only): the same DEQ layer with
+  ``solver=ReversibleIteration(rtol=0, atol=1e-30, max_steps=K)`` (damping 0.5; exactly ``K``
+  steps of two cell evaluations each, for the same reason) and ``backward=Reversible()``: the
+  exact gradient of the ``K`` steps by reversing them (McCallum et al. 2025). ``Reversible()``
+  restarts the reversal from a stored ``(y, z)`` every 4 steps at this damping, so it stores
+  ``(K - 1) // 4`` copies of two ``(batch, width)`` arrays: half a state per step, against the
+  unrolled net's every activation of the cell per step; ``reversible_flat`` is
+  ``Reversible(checkpoint_every=0)``, which stores none (memory flat in ``K``, but float32
+  reversal in one sweep loses its digits after about 15 steps at this damping; see
+  ``benchmarks/reversible.py``). The smoke profile skips them (one process per point);
+  ``tests/test_bench_memory_backward.py`` measures one small reversible point in the test process.
 * ``unrolled``: the explicit net ``z_K = cell(...cell(cell(z_0, u), u)..., u)`` written as a
   ``jax.lax.scan`` of length ``K`` and differentiated by ordinary reverse-mode autodiff, which
   stores the activations of every step.
@@ -100,7 +111,12 @@ from flax import nnx
 
 import deq
 import deq.nn
-METHODS = ("deq", "unrolled")
+METHODS = ("deq", "unrolled", "reversible", "reversible_flat")
+#: The methods of the smoke profile (each point is a fresh process: the reversible ones would
+#: double its cost; ``tests/test_bench_memory_backward.py`` runs one reversible point in-process).
+SMOKE_METHODS = ("deq", "unrolled")
+#: The reversible methods' backward strategies, by method.
+REVERSIBLE = {"reversible": "Reversible()", "reversible_flat": "Reversible(checkpoint_every=0)"}
 
 #: DEQ peak at the largest depth divided by its peak at the smallest depth must stay below this.
 TARGET_RATIO = 1.2
@@ -171,8 +187,12 @@ def build_step(method: str, width: int, batch: int, depth: int, *, cell: str = "
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    solver = deq.FixedPointIteration(rtol=0.0, atol=1e-30, max_steps=depth)
-    backward = deq.IFT(warn=False)
+    if method in REVERSIBLE:
+        solver = deq.ReversibleIteration(rtol=0.0, atol=1e-30, max_steps=depth)
+        backward = deq.Reversible(checkpoint_every=0 if method == "reversible_flat" else None)
+    else:
+        solver = deq.FixedPointIteration(rtol=0.0, atol=1e-30, max_steps=depth)
+        backward = deq.IFT(warn=False)
     model, cell_name = make_model(cell, width, in_features=in_features, num_classes=num_classes,
                                   solver=solver, backward=backward, rngs=nnx.Rngs(seed))
     # One problem over the whole batch (see the module docstring): its residual is exactly zero
@@ -186,7 +206,7 @@ def build_step(method: str, width: int, batch: int, depth: int, *, cell: str = "
     def loss_fn(params, x, y):
         model = nnx.merge(graphdef, params)
         u = model.encoder(x)
-        if method == "deq":
+        if method != "unrolled":
             sol = model.deq(u, return_solution=True)
             z, steps = sol.value, jnp.full((batch,), sol.stats.num_steps, jnp.int32)
         else:
@@ -338,7 +358,8 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
     cell = C.pick(profile, smoke="tanh", quick="dense", full="dense")
     t_start, cpu_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
 
-    grid = [(method, depth) for method in METHODS for depth in depths]
+    methods = C.pick(profile, smoke=SMOKE_METHODS, quick=METHODS, full=METHODS)
+    grid = [(method, depth) for method in methods for depth in depths]
 
     probe_env = None
     if C.is_gpu():
@@ -393,7 +414,7 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
     cell_name = res["cell"]
 
     summary: dict[str, Any] = {}
-    for method in METHODS:
+    for method in methods:
         rows = [p for p in points if p["method"] == method]
         ds = [p["depth"] for p in rows]
         entry = {
@@ -442,6 +463,9 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
             "deq_solver": "FixedPointIteration(rtol=0, atol=1e-30, max_steps=depth), batch_axis=None",
             "deq_backward": "IFT(warn=False) (default adjoint solver: Anderson rtol=1e-4, atol=1e-6, max_steps=100, m=5)",
             "unrolled": "jax.lax.scan of the same cell, `depth` steps, ordinary reverse-mode autodiff",
+            "methods": list(methods),
+            "reversible_solver": "ReversibleIteration(rtol=0, atol=1e-30, max_steps=depth) (damping 0.5), batch_axis=None",
+            "reversible_backward": {m: REVERSIBLE[m] for m in methods if m in REVERSIBLE},
             "step": "jax.jit(jax.value_and_grad(cross-entropy loss)) w.r.t. all parameters; no optimizer update",
         },
         "points": points,
@@ -462,7 +486,7 @@ def run(profile: str, seed: int, out, no_plot: bool, jobs: int = 2) -> dict[str,
         title=f"Peak memory of one training step ({profile}: width {width}, batch {batch}, cell {cell_name})",
     )
     C.print_table(
-        [{"method": m, **summary[m]} for m in METHODS],
+        [{"method": m, **summary[m]} for m in methods],
         [("method", "method"),
          ("slope_peak_rss_mib_per_depth", "RSS slope [MiB/depth]"),
          ("slope_xla_temp_mib_per_depth", "XLA slope [MiB/depth]"),
@@ -490,8 +514,10 @@ def plot(payload: dict[str, Any], out) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     backend = payload.get("environment", {}).get("jax_backend") or jax.default_backend()
     gpu = backend != "cpu"
-    styles = {"deq": ("tab:blue", "o", "DEQ (IFT backward)"), "unrolled": ("tab:red", "s", "unrolled net (backprop)")}
-    for method in METHODS:
+    styles = {"deq": ("tab:blue", "o", "DEQ (IFT backward)"), "unrolled": ("tab:red", "s", "unrolled net (backprop)"),
+              "reversible": ("tab:green", "^", "DEQ, ReversibleIteration + Reversible()"),
+              "reversible_flat": ("tab:olive", "v", "DEQ, ReversibleIteration + Reversible(checkpoint_every=0)")}
+    for method in payload["settings"].get("methods", ("deq", "unrolled")):
         rows = [p for p in points if p["method"] == method]
         ds = [p["depth"] for p in rows]
         color, marker, label = styles[method]

@@ -122,11 +122,11 @@ def _make_deq(cell, solver, backward, eval_solver):
     )
 
 
-def _solve(layer, u, owner: str, x):
+def _solve(layer, u, owner: str, x, adjoint_init=None):
     from ._layer import solution_info
 
     check_nonempty_batch(owner, x)
-    sol = layer(u, return_solution=True)
+    sol = layer(u, return_solution=True, adjoint_init=adjoint_init)
     return sol.value, solution_info(sol)
 
 
@@ -217,6 +217,12 @@ class DEQClassifier(_DenseBase):
         size `hidden`, e.g. a provably contractive `deq.nn.ContractiveDense(hidden, hidden,
         rngs=rngs)`; then `cell_hidden`, `use_norm` and `init_scale` must be left unset.
 
+    Call Args:
+      x: the input batch.
+      adjoint_init: with the `deq.IFT` backward, a warm start `(B, hidden)` for the adjoint
+        solve, passed to the DEQ layer (see `deq.nn.DEQ`); its gradient is the newly solved
+        adjoint. None (the default) starts it from zero.
+
     Returns:
       Calling the model returns `(logits (B, num_classes), info)` with `info` from
       `deq.nn.solution_info`.
@@ -249,8 +255,8 @@ class DEQClassifier(_DenseBase):
         cell = _dense_cell("DEQClassifier", hidden, rngs, cell, cell_hidden, use_norm, init_scale)
         self.deq = _make_deq(cell, solver, backward, eval_solver)
 
-    def __call__(self, x):
-        z, info = _solve(self.deq, self._encode(x), type(self).__name__, x)
+    def __call__(self, x, *, adjoint_init=None):
+        z, info = _solve(self.deq, self._encode(x), type(self).__name__, x, adjoint_init)
         return self.head(z), info
 
 
