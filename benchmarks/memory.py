@@ -515,8 +515,8 @@ def plot(payload: dict[str, Any], out) -> Any:
     backend = payload.get("environment", {}).get("jax_backend") or jax.default_backend()
     gpu = backend != "cpu"
     styles = {"deq": ("tab:blue", "o", "DEQ (IFT backward)"), "unrolled": ("tab:red", "s", "unrolled net (backprop)"),
-              "reversible": ("tab:green", "^", "DEQ, ReversibleIteration + Reversible()"),
-              "reversible_flat": ("tab:olive", "v", "DEQ, ReversibleIteration + Reversible(checkpoint_every=0)")}
+              "reversible": ("tab:green", "^", "DEQ, reversible iteration + Reversible()"),
+              "reversible_flat": ("tab:olive", "v", "DEQ, reversible + Reversible(checkpoint_every=0)")}
     for method in payload["settings"].get("methods", ("deq", "unrolled")):
         rows = [p for p in points if p["method"] == method]
         ds = [p["depth"] for p in rows]
@@ -542,9 +542,10 @@ def plot(payload: dict[str, Any], out) -> Any:
     axes[1].set_ylabel("temp_size_in_bytes [MiB]")
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_yscale("log")  # from tens of MiB (DEQ) to GiB (unrolled)
         ax.set_xlabel("effective depth K (forward solver steps / layers)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6.5, loc="upper left")
     fig.suptitle(f"One training step (forward + backward), width {st['width']}, batch {st['batch']}, "
                  f"float32, {backend}", fontsize=10)
     fig.tight_layout()
