@@ -681,7 +681,8 @@ def plot(payload: dict[str, Any], out) -> Any:
         axes[3].bar(xs, acc, yerr=err, capsize=3, color="tab:green")
         for i, s in enumerate(names):
             axes[3].plot([i] * len(results[s]["accuracies"]), [100 * a for a in results[s]["accuracies"]], "k.", ms=5)
-        axes[3].set_ylim(max(0.0, min(acc) - 10), 100)
+        lowest = min(100 * a for s in names for a in results[s]["accuracies"])  # every seed's point in view
+        axes[3].set_ylim(max(0.0, min(min(acc), lowest) - 5), 100)
         axes[3].set_ylabel("test accuracy [%]")
         axes[3].set_title(f"{dataset}: (c) after {st['train_steps']} Adam steps, {len(st['seeds'])} seed(s)")
         for ax in axes:
