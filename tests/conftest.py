@@ -21,13 +21,26 @@ starts (xdist workers, benchmark subprocesses, notebook kernels) through the env
 are checked once in a subprocess first, and dropped when that fails (a jaxlib that does not
 know a flag) or when the default backend is not the CPU. Flags already named in ``XLA_FLAGS``
 are left as set; ``DEQ_TEST_XLA_DEFAULTS=1`` runs the suite with XLA's default settings.
+
+Compilation cache. Many programs are compiled more than once in a session: the same small
+eager operations and solver loops in both xdist workers, in notebook kernels and in benchmark
+subprocesses, and identical programs rebuilt from fresh closures by different tests. So
+``pytest_configure`` also points JAX's persistent compilation cache at a new, empty temporary
+directory for the session (``JAX_COMPILATION_CACHE_DIR``, every program cached however fast it
+compiled), which every process of the session inherits through the environment, and removes it
+at the end. It starts empty every time, so nothing carries over between runs. Measured on 2 CPU
+cores (``pytest -n 2 --dist loadfile tests/test_core_*.py``): 282 s without, 174 s with (CPU
+time 284 s -> 249 s; the first run shared the machine more). ``DEQ_TEST_NO_COMPILATION_CACHE=1``
+turns it off; a ``JAX_COMPILATION_CACHE_DIR`` already set is used as it is.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -58,8 +71,36 @@ def _fast_compile_xla_flags() -> None:
             return
 
 
+_CACHE_ENV = "DEQ_TEST_COMPILATION_CACHE_OWNED"  # the directory this session created (to remove)
+
+
+def _session_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at a fresh directory (see the module docstring)."""
+    if os.environ.get("DEQ_TEST_NO_COMPILATION_CACHE") == "1":
+        return
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        path = tempfile.mkdtemp(prefix="deq-test-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+        os.environ[_CACHE_ENV] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # this process imported jax before the variables were set: tell its config too
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _fast_compile_xla_flags()
+    _session_compilation_cache()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    owned = os.environ.get(_CACHE_ENV)
+    if owned and not hasattr(config, "workerinput"):  # the controller, not an xdist worker
+        shutil.rmtree(owned, ignore_errors=True)
 
 
 def _is_core_module(request: pytest.FixtureRequest) -> bool:
