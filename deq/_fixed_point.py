@@ -207,11 +207,11 @@ def _check_adjoint_init(adjoint_init, z0, backward):
 
 
 def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget=None,
-          adjoint_init=None):
+          adjoint_init=None, solver_dtype=None):
     _validate(f, z0, args, solver, backward, batch_axis, throw, check_batch)
     if adjoint_init is not None:
         _check_adjoint_init(adjoint_init, z0, backward)
-    packer = _tree.make_packer(z0, batch_axis)
+    packer = _tree.make_packer(z0, batch_axis, solver_dtype)
     if packer.rows == 0:  # an empty batch: nothing to solve
         return _empty_solution(z0, solver, packer.dtype)
     try:
@@ -253,13 +253,13 @@ def _impl(f, z0, args, solver, backward, batch_axis, throw, check_batch, backwar
     return Solution(value=packer.unpack(x_star), stats=stats)
 
 
-_impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6, 7))
+_impl_jit = jax.jit(_impl, static_argnums=(0, 3, 4, 5, 6, 7, 11))
 
 
 @strict_kwargs
 def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None, throw=False,
                 check_batch=False, backward_stats=None, max_steps=None, has_aux=False,
-                adjoint_init=None) -> Solution:
+                adjoint_init=None, solver_dtype=None) -> Solution:
     r"""Solve `z* = f(z*, args)` and differentiate `z*` with respect to `args`.
 
     The forward pass runs `solver` from `z0` until `||f(z) - z|| <= atol + rtol ||f(z)||` (l2
@@ -311,6 +311,30 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
         start with zeros). It changes where the adjoint solve starts, not what it solves: the
         gradient is IFT's whenever the adjoint converges, in fewer steps when `adjoint_init` is
         close. Reverse mode only (a custom VJP, as with `backward_stats`); no hidden state.
+      solver_dtype: the dtype of the solver's state: its iterates, histories, Anderson's least
+        squares, the stopping test and `stats` (None, the default: the widest dtype of `z0`'s
+        leaves, at least float32). `f` always runs in its own dtypes: each step the iterate is
+        cast to the leaves' dtypes, `f` is evaluated, and its output is cast to `solver_dtype`.
+        So a bfloat16 or float16 cell is solved with float32 state by default, and
+        `solver_dtype=jnp.float64` (under x64) solves a float32 cell with float64 state. Any
+        real floating dtype is accepted, a narrower one too (`jnp.bfloat16` for a float32
+        cell: the state and the stopping test then round to it). The returned `value` keeps
+        `z0`'s dtypes; the backward strategy packs its vectors in `solver_dtype` too (the
+        adjoint solve of `deq.IFT`). See "Mixed precision" below.
+
+    Mixed precision:
+      The stopping test `||f(z) - z|| <= atol + rtol ||f(z)||` is evaluated in `solver_dtype`,
+      and `converged` reports whether it held there. Since `f`'s output is rounded to the
+      cell's dtype at every step, the residual cannot fall much below the cell's rounding
+      error, `||f(z) - z|| ~ eps(cell dtype) ||z||` (eps = 7.8e-3 for bfloat16, 9.8e-4 for
+      float16, 1.2e-7 for float32), whatever the solver dtype: ask for `rtol` above that floor
+      (`rtol=1e-2` for a bfloat16 cell), or the solve runs to `max_steps` and reports
+      MAX_STEPS with the lowest residual reached. A wider solver dtype keeps the iterates,
+      the Anderson mixing and the residual itself free of the state's rounding; it does not
+      make the fixed point more accurate than the cell. The IFT adjoint's cotangents are
+      rounded to the cell's dtype in the same way (its vector-Jacobian products run in it), so
+      for a bfloat16 cell give the adjoint a matching tolerance, e.g.
+      `backward=deq.IFT(solver=deq.Anderson(rtol=1e-2))`.
 
     Returns:
       A `Solution` with `value` (shaped like `z0`) and `stats` (`num_steps`, `residual_norm`,
@@ -349,6 +373,13 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
       >>> bool(jnp.allclose(grads["x"], grads2["x"], rtol=1e-4)), u.shape
       (True, (3,))
 
+      A bfloat16 cell with the (default) float32 solver state; the value stays bfloat16:
+
+      >>> pb = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p)
+      >>> sol = deq.fixed_point(f, jnp.zeros(3, jnp.bfloat16), pb, solver=deq.Anderson(rtol=1e-2))
+      >>> sol.value.dtype, sol.stats.residual_norm.dtype, bool(sol.stats.converged)
+      (dtype(bfloat16), dtype('float32'), True)
+
     References:
       Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
@@ -362,10 +393,13 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
             raise TypeError(f"fixed_point: `f` must be callable as f(z, args) -> (z, aux), got {type(f).__name__}.")
         sol = fixed_point(_split_aux(f, z0, args), z0, args, solver=solver, backward=backward,
                           batch_axis=batch_axis, throw=throw, check_batch=check_batch,
-                          backward_stats=backward_stats, max_steps=max_steps, adjoint_init=adjoint_init)
+                          backward_stats=backward_stats, max_steps=max_steps, adjoint_init=adjoint_init,
+                          solver_dtype=solver_dtype)
         return dataclasses.replace(sol, aux=f(sol.value, args)[1])
+    solver_dtype = _tree.check_solver_dtype("fixed_point", solver_dtype)
     budget = _check_budget(max_steps, solver) if isinstance(solver, AbstractSolver) else max_steps
-    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget, adjoint_init)
+    call = (f, z0, args, solver, backward, batch_axis, throw, check_batch, backward_stats, budget, adjoint_init,
+            solver_dtype)
     try:
         hash(f)
         impl = _impl_jit

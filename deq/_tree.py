@@ -1,7 +1,8 @@
 """Packing a pytree state into a `(B, n)` matrix: one row per independent problem.
 
-Solvers only ever see `(B, n)` arrays in a compute dtype of at least float32; `f` only ever
-sees pytrees in their original dtypes. With `batch_axis=None` the whole state is one problem
+Solvers only ever see `(B, n)` arrays in the solver dtype (by default the widest leaf dtype, at
+least float32; `fixed_point(..., solver_dtype=...)` names another); `f` only ever sees pytrees in
+their original dtypes. With `batch_axis=None` the whole state is one problem
 (`B = 1`).
 """
 
@@ -50,7 +51,32 @@ def compute_dtype(dtypes) -> Any:
     return jnp.result_type(jnp.float32, *dtypes)
 
 
-def make_packer(z0, batch_axis: Optional[int]) -> Packer:
+def check_solver_dtype(owner: str, solver_dtype) -> Any:
+    """Validate a user-named solver dtype; return it as a `jnp.dtype` (None stays None)."""
+    if solver_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(solver_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        got = repr(solver_dtype) if dt is None else dt.name
+        raise TypeError(
+            f"{owner}: `solver_dtype` (the dtype of the solver's state, histories and stopping test) "
+            f"must be a real floating dtype, got {got}. Pass e.g. solver_dtype=jnp.float32, or None for "
+            f"the widest dtype of the state's leaves (at least float32)."
+        )
+    if jax.dtypes.canonicalize_dtype(dt) != dt:
+        raise ValueError(
+            f"{owner}: `solver_dtype={dt.name}` needs 64-bit mode, which is off (JAX would silently "
+            f"compute in {jax.dtypes.canonicalize_dtype(dt).name}). Enable it with "
+            f"jax.config.update('jax_enable_x64', True), or pass solver_dtype=jnp.float32."
+        )
+    return dt
+
+
+def make_packer(z0, batch_axis: Optional[int], dtype=None) -> Packer:
+    """The packer of `z0`'s structure; `dtype` (None: `compute_dtype` of its leaves) is the solver's."""
     leaves, treedef = jax.tree_util.tree_flatten(z0)
     dtypes = tuple(jnp.result_type(leaf) for leaf in leaves)
     if batch_axis is None:
@@ -59,7 +85,7 @@ def make_packer(z0, batch_axis: Optional[int]) -> Packer:
     else:
         batch = jnp.shape(leaves[0])[0]
         shapes = tuple(tuple(jnp.shape(leaf)[1:]) for leaf in leaves)
-    return Packer(treedef, shapes, dtypes, batch, compute_dtype(dtypes))
+    return Packer(treedef, shapes, dtypes, batch, compute_dtype(dtypes) if dtype is None else dtype)
 
 
 def _scaled_row_norm(x: jax.Array) -> jax.Array:

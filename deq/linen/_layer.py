@@ -12,6 +12,7 @@ from typing import Any, Optional
 import flax.errors
 import flax.linen as nn
 
+from .. import _tree
 from .._solution import Solution
 from ..backward import IFT, AbstractBackward
 from ..nn._layer import _check_solver, check_cell_input, initial_state, solve_with_hints
@@ -113,6 +114,9 @@ class DEQ(nn.Module):
       deterministic: default evaluation-mode flag (a call argument overrides it).
       has_aux: the cell returns `(z, aux)`; the layer returns `(z*, aux)` (aux at `z*`,
         differentiable), or `Solution.aux` with `return_solution=True`.
+      solver_dtype: the dtype of the solver's state, histories and stopping test (None: the
+        widest dtype of the state, at least float32); the cell keeps its own dtype (see
+        `deq.fixed_point`).
 
     Call Args:
       x: the input (any pytree), passed to the cell at every step.
@@ -161,6 +165,7 @@ class DEQ(nn.Module):
     throw: bool = False
     deterministic: Optional[bool] = None
     has_aux: bool = False
+    solver_dtype: Any = None
 
     def _config(self):
         solver = Anderson() if self.solver is None else self.solver
@@ -216,6 +221,7 @@ class DEQ(nn.Module):
             f, z0, (variables, x), origin=origin, solver=solver, backward=backward,
             batch_axis=self.batch_axis, throw=self.throw, backward_stats=backward_stats,
             max_steps=max_steps, has_aux=self.has_aux, adjoint_init=adjoint_init,
+            solver_dtype=_tree.check_solver_dtype("deq.linen.DEQ", self.solver_dtype),
         )
         if return_solution:
             return sol

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import _tree
 from .._api import strict_kwargs
 from .._fixed_point import fixed_point
 from .._solution import BackwardStats, Solution
@@ -511,6 +512,9 @@ class DEQ(nnx.Module):
       has_aux: the cell returns `(z, aux)` (attention maps, a regularization term); the layer
         then returns `(z*, aux)` with `aux` the cell's auxiliary output at `z*` (differentiable),
         or `Solution.aux` with `return_solution=True`.
+      solver_dtype: the dtype of the solver's state, histories, stopping test and Anderson's
+        least squares (None: the widest dtype of the state, at least float32), e.g. float32 for
+        a bfloat16 cell; the cell keeps its own dtype (see `deq.fixed_point`).
 
     Call Args:
       x: the input (any pytree), passed to the cell unchanged at every step.
@@ -571,6 +575,7 @@ class DEQ(nnx.Module):
         eval_solver: Optional[AbstractSolver] = None,
         throw: bool = False,
         has_aux: bool = False,
+        solver_dtype: Any = None,
     ):
         if not isinstance(cell, nnx.Module) or not callable(cell):
             raise TypeError(
@@ -596,9 +601,11 @@ class DEQ(nnx.Module):
             raise TypeError(f"DEQ: `throw` must be a bool, got {throw!r}.")
         if not isinstance(has_aux, bool):
             raise TypeError(f"DEQ: `has_aux` must be a bool, got {has_aux!r}. Pass True when the cell returns (z, aux).")
+        solver_dtype = _tree.check_solver_dtype("DEQ", solver_dtype)
         check_cell(cell)
         self.cell = cell
         self.has_aux = has_aux
+        self.solver_dtype = solver_dtype
         self.solver = solver
         self.backward = backward
         self.batch_axis = batch_axis
@@ -646,7 +653,7 @@ class DEQ(nnx.Module):
             _CellMap(graphdef), z0, (state, x), origin=origin, solver=solver,
             backward=self.backward, batch_axis=self.batch_axis, throw=self.throw,
             backward_stats=backward_stats, max_steps=max_steps, has_aux=self.has_aux,
-            adjoint_init=adjoint_init,
+            adjoint_init=adjoint_init, solver_dtype=self.solver_dtype,
         )
         if return_solution:
             return sol
