@@ -66,7 +66,11 @@ that (read from the installed sources):
 Every final residual is recomputed here, in float64 NumPy, from the returned ``z``.
 
 Backward: ``grad`` of ``sum(z*)`` with respect to ``(W, U, b)``. deq: default
-``deq.IFT()`` (adjoint fixed point solved with its default solver, recorded in the JSON). jaxopt: its
+``deq.IFT()`` (adjoint fixed point solved with its default solver, recorded in the JSON; its
+tolerance is derived from the forward solve's). Two more deq rows (``quick``/``full``) keep
+``deq.Anderson``'s forward and fix the adjoint's relative tolerance: ``deq.Anderson+IFT(rtol=1e-4)``
+(deq's earlier default) and ``deq.Anderson+IFT(rtol=3e-5)``, the like-for-like accuracy row, whose
+gradient error matches jaxopt's tuned Anderson's (calibrated on this problem). jaxopt: its
 implicit differentiation (``custom_root``) with its default linear solver (normal-equation CG,
 ``jax.scipy`` CG ``tol=1e-5``). optimistix: ``ImplicitAdjoint(linear_solver=lineax.GMRES(
 rtol=1e-5, atol=1e-7))`` (matrix-free); its default ``ImplicitAdjoint()`` materialises the
@@ -129,6 +133,14 @@ The ``quick``/``full`` profiles also time the pieces of an Anderson step at the 
 inside compiled loops (``anderson_breakdown``) to show where its per-step time goes, and the
 ``full`` profile measures, each in a subprocess with a timeout, optimistix's default
 ``ImplicitAdjoint()`` and jaxopt's ``Broyden`` at its defaults (both too slow for the main loop).
+
+Mixed precision (``precision`` in the JSON, ``quick``/``full``): the contractive problem with the
+cell's weights and input in bfloat16 against float32, solved by ``deq.Anderson`` and
+``deq.FixedPointIteration`` with float32 solver state (the default, ``solver_dtype=None``) and, for
+the bfloat16 cell, bfloat16 solver state (``solver_dtype=jnp.bfloat16``): the residual floor (the
+lowest ``||f(z_k) - z_k|| / ||z*||`` of a 200-step budget run) and the error there against the
+float64 fixed point, steps to relative residuals 1e-2 / 1e-3 / 1e-4, and a solve with ``rtol=1e-2``
+(steps, converged, error, median time; on this machine's CPU, which has no fast bfloat16).
 """
 
 from __future__ import annotations
@@ -171,9 +183,22 @@ SOLVERS = (
     "jaxopt.AndersonAcceleration(ridge=1e-10)",
     "jaxopt.Broyden(stepsize=1, history_size=20)",
     "optimistix.FixedPointIteration",
+    "deq.Anderson+IFT(rtol=1e-4)",
+    "deq.Anderson+IFT(rtol=3e-5)",
 )
 JAXOPT_BROYDEN_DEFAULT = "jaxopt.Broyden(defaults)"
 OURS_ANDERSON = "deq.Anderson"
+#: Rows with deq.Anderson's forward and an IFT adjoint at a fixed relative tolerance instead of the
+#: derived default: 1e-4, deq's earlier default; 3e-5, the like-for-like accuracy row (its gradient
+#: error, 7.4e-6 in a quick run, is that of jaxopt's tuned Anderson, 7.9e-6).
+OURS_OLD_ADJOINT = "deq.Anderson+IFT(rtol=1e-4)"
+OURS_LIKE_FOR_LIKE = "deq.Anderson+IFT(rtol=3e-5)"
+FIXED_ADJOINT_RTOL = {OURS_OLD_ADJOINT: 1e-4, OURS_LIKE_FOR_LIKE: 3e-5}
+
+
+def profile_solvers(profile: str) -> tuple:
+    """The rows `profile` measures: `SOLVERS`, less the fixed-adjoint rows in the smoke profile."""
+    return tuple(n for n in SOLVERS if profile != "smoke" or n not in FIXED_ADJOINT_RTOL)
 JAXOPT_TUNED_AA = "jaxopt.AndersonAcceleration(ridge=1e-10)"
 
 #: The optional PyTorch peer (measured when `import torch, torchdeq` works), by its solver key.
@@ -253,7 +278,16 @@ def _deq_solver(name: str, tol: float, max_steps: int):
         "deq.FixedPointIteration": deq.FixedPointIteration,
         "deq.Anderson": deq.Anderson,
         "deq.Broyden": deq.Broyden,
-    }[name](**kw)
+    }[name.split("+")[0]](**kw)
+
+
+def _deq_backward(name: str):
+    """The backward strategy of a deq row: IFT's default, or the like-for-like row's fixed tolerance."""
+    import deq
+
+    if name in FIXED_ADJOINT_RTOL:
+        return deq.IFT(solver=deq.Anderson(rtol=FIXED_ADJOINT_RTOL[name], atol=0.0))
+    return deq.IFT()
 
 
 def _jaxopt_solver(name: str, tol: float, max_steps: int):
@@ -300,6 +334,15 @@ def _deq_default_backward() -> str:
 def solver_settings(name: str) -> dict[str, Any]:
     """What each solver is run with (for the JSON)."""
     common = {"stopping": f"||f(z)-z||_2 <= {TOL} over the whole batch", "max_steps": MAX_STEPS}
+    if name in FIXED_ADJOINT_RTOL:
+        return {**common, "call": f"Anderson(rtol=0, atol={TOL}, max_steps={MAX_STEPS}); "
+                "fixed_point(..., batch_axis=None); other settings default (the forward of deq.Anderson)",
+                "backward": f"{_deq_backward(name)!r}: a fixed relative adjoint tolerance instead of the derived one",
+                "note": {OURS_OLD_ADJOINT: "deq's earlier default adjoint tolerance (fixed 1e-4)",
+                         OURS_LIKE_FOR_LIKE: "like-for-like accuracy row: the adjoint tolerance at which the "
+                                             "gradient error matches jaxopt's tuned Anderson (calibrated on this "
+                                             "problem: 1e-4 gives 4.8e-5, 3e-5 gives 7.4e-6, 1e-5 gives 2.0e-6, "
+                                             "jaxopt 7.9e-6)"}[name]}
     if name.startswith("deq."):
         return {**common, "call": f"{name.split('.')[1]}(rtol=0, atol={TOL}, max_steps={MAX_STEPS}); "
                 "fixed_point(..., batch_axis=None); other settings default",
@@ -336,11 +379,11 @@ def make_solve(name: str, z0_shape: tuple[int, int], tol: float = TOL, max_steps
     if name.startswith("deq."):
         import deq
 
-        solver = _deq_solver(name, tol, max_steps)
+        solver, backward = _deq_solver(name, tol, max_steps), _deq_backward(name)
 
         def solve(W, U, b, x):
             z0 = jnp.zeros(z0_shape, jnp.float32)
-            sol = deq.fixed_point(cell, z0, (W, U, b, x), solver=solver, batch_axis=None)
+            sol = deq.fixed_point(cell, z0, (W, U, b, x), solver=solver, backward=backward, batch_axis=None)
             steps = sol.stats.num_steps
             return sol.value, {"steps": steps, "f_evals": steps + 1, "history": sol.stats.residual_history}
 
@@ -1104,6 +1147,97 @@ def anderson_breakdown(params, z0_shape, K: int, repeats: int) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------
+# Mixed precision: a bfloat16 cell with float32 (or bfloat16) solver state
+# --------------------------------------------------------------------------
+
+#: (label, cell dtype, solver_dtype) of the precision section.
+PRECISION_CASES = (
+    ("float32 cell, float32 state", "float32", None),
+    ("bfloat16 cell, float32 state", "bfloat16", None),
+    ("bfloat16 cell, bfloat16 state", "bfloat16", "bfloat16"),
+)
+PRECISION_SOLVERS = ("deq.Anderson", "deq.FixedPointIteration")
+#: The relative stopping test of the timed solves (reachable from a bfloat16 cell) and the budget.
+PRECISION_RTOL, PRECISION_BUDGET = 1e-2, 200
+
+
+def fixed_point64(arrays, problem: str = CONTRACTIVE) -> np.ndarray:
+    """The float64 fixed point of `problem`, to a residual below 1e-12 (deq.Anderson under x64)."""
+    import deq
+
+    with jax.enable_x64(True):
+        params = tuple(jnp.asarray(arrays[k], jnp.float64) for k in (f"W_{problem}", "U", "b", "x"))
+        z0 = jnp.zeros((arrays["x"].shape[0], arrays["U"].shape[0]), jnp.float64)
+        sol = deq.fixed_point(cell, z0, params, solver=deq.Anderson(rtol=0.0, atol=1e-12, max_steps=MAX_STEPS))
+        return np.asarray(sol.value, np.float64)
+
+
+def precision_study(arrays, z0_shape, *, repeats: int) -> dict[str, Any]:
+    """Steps, residual floor, error against float64 and time of each `PRECISION_CASES` x solver.
+
+    Per case two solves from z0 = 0 of the contractive problem, with the cell's weights and input
+    cast to the cell dtype: a budget run (rtol = atol = 0, `PRECISION_BUDGET` steps) whose residual
+    history gives the residual floor (the lowest relative residual `||f(z_k) - z_k|| / ||z*||`), the
+    relative error of the iterate it returns (the lowest-residual one) against the float64 fixed
+    point, and the steps to reach relative residuals 1e-2, 1e-3 and 1e-4 (None when never); and the timed solve
+    with `rtol=PRECISION_RTOL` (steps, converged, relative error of the value against the float64
+    fixed point, median wall and CPU time over `repeats` calls after one untimed call).
+    """
+    import deq
+
+    z64 = fixed_point64(arrays)
+    scale = float(np.linalg.norm(z64))
+    out: dict[str, Any] = {
+        "problem": CONTRACTIVE, "reference": "float64 fixed point (deq.Anderson, atol=1e-12, x64)",
+        "reference_residual": residual64(z64, tuple(arrays[k] for k in (f"W_{CONTRACTIVE}", "U", "b", "x"))),
+        "norm_z_star": scale, "rtol": PRECISION_RTOL, "budget": PRECISION_BUDGET,
+        "eps": {d: float(jnp.finfo(d).eps) for d in ("float32", "bfloat16")},
+        "device": jax.devices()[0].platform, "timing": "CPU (this machine; no GPU time measured)" if
+        jax.devices()[0].platform == "cpu" else jax.devices()[0].device_kind,
+        "relative": "residuals and errors divided by ||z*|| of the float64 fixed point (whole batch, l2)",
+        "cases": {},
+    }
+    for label, cell_dtype, solver_dtype in PRECISION_CASES:
+        params = tuple(jnp.asarray(arrays[k]).astype(cell_dtype) for k in (f"W_{CONTRACTIVE}", "U", "b", "x"))
+        z0 = jnp.zeros(z0_shape, cell_dtype)
+        for name in PRECISION_SOLVERS:
+            cls = {"deq.Anderson": deq.Anderson, "deq.FixedPointIteration": deq.FixedPointIteration}[name]
+
+            def solve(p, solver):
+                sol = deq.fixed_point(cell, z0, p, solver=solver, solver_dtype=solver_dtype)
+                return sol.value, sol.stats
+
+            budget = jax.jit(lambda p: solve(p, cls(rtol=0.0, atol=0.0, max_steps=PRECISION_BUDGET)))
+            timed = jax.jit(lambda p: solve(p, cls(rtol=PRECISION_RTOL, atol=0.0, max_steps=MAX_STEPS)))
+            v_floor, st = budget(params)
+            h = np.asarray(st.residual_history, np.float64) / scale
+            cpu: list[float] = []
+            t = C.time_fn(_cpu_timed(timed, cpu), params, warmup=0, repeats=repeats, clear_caches=False)
+            value, st2 = timed(params)
+            err = float(np.linalg.norm(np.asarray(value, np.float64) - z64) / scale)
+            out["cases"][f"{name} | {label}"] = {
+                "solver": name, "cell_dtype": cell_dtype, "solver_dtype": solver_dtype or "float32 (default)",
+                "residual_floor_rel": float(np.nanmin(h)), "floor_step": int(np.nanargmin(h)),
+                "error_rel_at_floor": float(np.linalg.norm(np.asarray(v_floor, np.float64) - z64) / scale),
+                "steps_to_rel": {f"{r:g}": (int(np.argmax(h <= r)) if np.any(h <= r) else None)
+                                 for r in (1e-2, 1e-3, 1e-4)},
+                "history_rel": [None if not np.isfinite(v) else float(v) for v in h],
+                "steps": int(st2.num_steps), "converged": bool(st2.converged),
+                "reported_residual_rel": float(st2.residual_norm) / scale,
+                "recomputed_residual_rel": residual64(value, params) / scale,
+                "error_rel": err, "forward_s": t["median_s"], "forward_min_s": t["min_s"],
+                "forward_cpu_s": float(np.median(cpu[1:])), "repeats": t["repeats"],
+            }
+    return out
+
+
+def precision_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"case": k, "floor": r["residual_floor_rel"], "to1e-2": r["steps_to_rel"]["0.01"],
+             "to1e-3": r["steps_to_rel"]["0.001"], "steps": r["steps"], "conv": "yes" if r["converged"] else "NO",
+             "err_floor": r["error_rel_at_floor"], "err": r["error_rel"], "fwd_ms": r["forward_s"] * 1e3} for k, r in study["cases"].items()]
+
+
+# --------------------------------------------------------------------------
 # Targets, table, figure
 # --------------------------------------------------------------------------
 
@@ -1150,7 +1284,7 @@ def evaluate_targets(results: dict[str, dict[str, dict]]) -> list[dict[str, Any]
             passed_cpu=steps_ok and ours["forward_cpu_s"] <= fast_cpu_s)
     aa = con[JAXOPT_TUNED_AA]
 
-    def ratio_target(name, key, limit):
+    def ratio_target(name, key, limit, ours=ours):
         r = ours[f"{key}_s"] / aa[f"{key}_s"]
         r_min = ours[f"{key}_min_s"] / aa[f"{key}_min_s"]
         r_cpu = ours[f"{key}_cpu_s"] / aa[f"{key}_cpu_s"]
@@ -1161,6 +1295,13 @@ def evaluate_targets(results: dict[str, dict[str, dict]]) -> list[dict[str, Any]
 
     ratio_target("contractive: forward time <= 0.8 x jaxopt tuned Anderson", "forward", 0.8)
     ratio_target("contractive: forward+backward time <= 0.6 x jaxopt tuned Anderson", "forward_backward", 0.6)
+    for name, what in ((OURS_OLD_ADJOINT, "earlier default adjoint tolerance"),
+                       (OURS_LIKE_FOR_LIKE, "like-for-like accuracy")):
+        if name in con:
+            row = con[name]
+            ratio_target(f"contractive, {what} ({name}: gradient error {row['grad_rel_error']:.2g} vs jaxopt's "
+                         f"{aa['grad_rel_error']:.2g}): forward+backward time <= 0.6 x jaxopt tuned Anderson",
+                         "forward_backward", 0.6, ours=row)
     add("contractive: deq.Anderson solver overhead <= 1.3", ours["overhead"] <= 1.3,
         f"overhead {ours['overhead']:.2f} (median forward / (steps x median single jitted f call)); per f "
         f"evaluation inside a compiled loop: {ours['overhead_loop']:.2f} (median wall), "
@@ -1206,8 +1347,9 @@ def table_rows(results) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(results, out_dir) -> Any:
-    """Residual against steps and against time, both problems (log y).
+def plot(results, out_dir, precision: dict | None = None) -> Any:
+    """Residual against steps and against time, both problems (log y); with `precision` (a
+    `precision_study`), a third row: its relative residual histories, and its errors at the floor.
 
     The x range is cut at 2.5x the slowest converged solver (solvers that do not converge run
     on to max_steps; their last residual is given in the legend). Time is
@@ -1215,7 +1357,8 @@ def plot(results, out_dir) -> Any:
     affected by other jobs on a shared machine.
     """
     plt = C.pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    rows = 3 if precision and "cases" in precision else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(14, 4.75 * rows), squeeze=False)
     styles = {"deq": "-", "jaxopt": "--", "optimistix": ":", "torchdeq": "-."}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["navy", "darkred", "darkgreen"]
     for row, (problem, per) in enumerate(results.items()):
@@ -1224,7 +1367,7 @@ def plot(results, out_dir) -> Any:
         t_max = max([r["forward_min_s"] * 1e3 * len(r["trace"]) / max(r["steps"], 1) for r in conv] + [1e-3]) * 2.5
         for i, name in enumerate(solver_order(per)):
             r = per[name]
-            if not r.get("trace"):
+            if not r.get("trace") or name in FIXED_ADJOINT_RTOL:  # their forward is deq.Anderson's
                 continue
             tr = np.asarray([np.nan if v is None else v for v in r["trace"]], np.float64)
             k = np.arange(len(tr))
@@ -1244,6 +1387,28 @@ def plot(results, out_dir) -> Any:
         axes[row, 0].set_xlabel("solver step k")
         axes[row, 1].set_xlabel("time (ms) = k x min forward time / steps")
         axes[row, 0].legend(fontsize=7, loc="upper right")
+    if rows == 3:
+        cases = precision["cases"]
+        for i, (label, r) in enumerate(cases.items()):
+            tr = np.asarray([np.nan if v is None else v for v in r["history_rel"]], np.float64)
+            ls = "-" if r["solver"] == "deq.Anderson" else "--"
+            axes[2, 0].semilogy(np.arange(len(tr)), tr, ls=ls, color=colors[i // 2], lw=1.4, label=label)
+        for d, eps in precision["eps"].items():
+            axes[2, 0].axhline(eps, color="k", lw=0.6, ls=":", alpha=0.6)
+            axes[2, 0].text(1, eps, f" eps({d})", fontsize=7, va="bottom")
+        axes[2, 0].set_xlabel("solver step k")
+        axes[2, 0].set_ylabel(r"$\|f(z_k) - z_k\| / \|z^*\|$ (solver dtype)")
+        axes[2, 0].set_title("mixed precision (contractive): cell dtype vs solver state dtype")
+        axes[2, 0].legend(fontsize=7, loc="upper right")
+        axes[2, 0].grid(True, which="both", alpha=0.3)
+        names = list(cases)
+        axes[2, 1].barh(np.arange(len(names)), [cases[n]["error_rel_at_floor"] for n in names],
+                        color=[colors[i // 2] for i in range(len(names))])
+        axes[2, 1].set_xscale("log")
+        axes[2, 1].set_yticks(np.arange(len(names)), names, fontsize=7)
+        axes[2, 1].set_xlabel(r"$\|z - z^*_{64}\| / \|z^*_{64}\|$ at the residual floor")
+        axes[2, 1].set_title("error against the float64 fixed point")
+        axes[2, 1].grid(True, which="both", axis="x", alpha=0.3)
     fig.suptitle(f"Forward solvers on z = tanh(zW^T + xU^T + b), batch as one vector; tolerance {TOL} (black line)")
     fig.tight_layout()
     return C.save_figure(fig, out_dir, NAME)
@@ -1297,7 +1462,7 @@ def main(argv=None) -> dict[str, Any]:
         }
     loop_len = C.pick(prof, smoke=20, quick=10, full=10)
     torchdeq_status, torch_runs = setup_torchdeq(problems, z0_shape, loop_len, refs)
-    results, f_evals = measure_all(SOLVERS, problems, z0_shape, repeats=repeats, rounds=rounds, loop_len=loop_len,
+    results, f_evals = measure_all(profile_solvers(prof), problems, z0_shape, repeats=repeats, rounds=rounds, loop_len=loop_len,
                                    ref_grads=refs, trace=traces, torch_runs=torch_runs)
     for p in problems:
         extra[p]["f_eval"] = f_evals[p]
@@ -1322,6 +1487,11 @@ def main(argv=None) -> dict[str, Any]:
         params = tuple(jnp.asarray(arrays[k]) for k in (f"W_{CONTRACTIVE}", "U", "b", "x"))
         payload["anderson_breakdown"] = anderson_breakdown(params, z0_shape, K=C.pick(prof, smoke=5, quick=10, full=10),
                                                            repeats=C.pick(prof, smoke=10, quick=100, full=300))
+
+    if prof != "smoke":
+        payload["precision"] = precision_study(arrays, z0_shape, repeats=C.pick(prof, smoke=3, quick=10, full=30))
+    else:
+        payload["precision"] = {"status": "skipped in the smoke profile (measured in quick and full)"}
 
     if prof == "full":
         timeout = 900.0
@@ -1383,12 +1553,19 @@ def main(argv=None) -> dict[str, Any]:
                       ["problem", "solver", "deq", "backward", "steps", "residual", "conv", ("fwd_ms", "fwd ms"),
                        ("fwdbwd_ms", "fwd+bwd ms"), ("grad_err", "grad rel err"), ("grad_err64", "vs f64")],
                       title=f"banax {payload['banax']['versions'].get('banax')} (own process, after deq's rows)")
+    if "cases" in payload["precision"]:
+        C.print_table(precision_rows(payload["precision"]),
+                      ["case", ("floor", "rel floor"), ("err_floor", "err at floor"), ("to1e-2", "steps to 1e-2"),
+                       ("to1e-3", "steps to 1e-3"), ("steps", f"steps (rtol {PRECISION_RTOL:g})"), "conv",
+                       ("err", "rel err vs f64"),
+                       ("fwd_ms", "fwd ms (CPU)")],
+                      title="mixed precision: contractive problem, cell in its dtype, solver state as named")
     for key in ("optimistix_default_adjoint", "jaxopt_broyden_default"):
         print(f"{key}: " + ", ".join(f"{k}={C.fmt(v)}" for k, v in payload[key].items()
                                      if not isinstance(v, dict) and k not in ("note", "reason")))
 
     if not args.no_plot:
-        payload["figure"] = plot(results, args.out).name
+        payload["figure"] = plot(results, args.out, payload["precision"]).name
     payload["run_time_s"] = time.perf_counter() - t_start
     payload["run_cpu_s"] = time.process_time() - cpu_start
     payload["run_time_note"] = ("wall-clock and CPU time (this process only) of the whole run; the machine's load "

@@ -327,7 +327,8 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
       and `converged` reports whether it held there. Since `f`'s output is rounded to the
       cell's dtype at every step, the residual cannot fall much below the cell's rounding
       error, `||f(z) - z|| ~ eps(cell dtype) ||z||` (eps = 7.8e-3 for bfloat16, 9.8e-4 for
-      float16, 1.2e-7 for float32), whatever the solver dtype: ask for `rtol` above that floor
+      float16, 1.2e-7 for float32), whatever the solver dtype (a small state may instead land
+      exactly on a fixed point of the rounded cell, residual 0): ask for `rtol` above that floor
       (`rtol=1e-2` for a bfloat16 cell), or the solve runs to `max_steps` and reports
       MAX_STEPS with the lowest residual reached. A wider solver dtype keeps the iterates,
       the Anderson mixing and the residual itself free of the state's rounding; it does not

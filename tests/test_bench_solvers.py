@@ -36,10 +36,10 @@ def test_json_has_every_field(smoke):
     assert set(data["results"]) == {S.CONTRACTIVE, S.HARD}
     torchdeq = data["torchdeq"]
     if torchdeq["status"] == "measured":
-        expected = {*S.SOLVERS, *S.TORCHDEQ_SOLVERS}
+        expected = {*S.profile_solvers("smoke"), *S.TORCHDEQ_SOLVERS}
         assert torchdeq["num_threads"] >= 1 and torchdeq["device"] in ("cpu", "cuda")
     else:
-        expected = set(S.SOLVERS)
+        expected = set(S.profile_solvers("smoke"))
         assert torchdeq == {"status": "skipped", "reason": S.TORCHDEQ_MISSING, "error": torchdeq["error"]}
     assert set(data["solvers"]) == expected
     for problem, per in data["results"].items():
@@ -61,6 +61,10 @@ def test_json_has_every_field(smoke):
     assert len(data["results"][S.CONTRACTIVE]["deq.Anderson"]["trace"]) >= 2
     assert {t["target"] for t in data["targets"]} and all(isinstance(t["passed"], bool) for t in data["targets"])
     assert data["run_time_s"] > 0
+    # measured in quick and full only: the mixed-precision section and the fixed-tolerance adjoint rows
+    assert data["precision"]["status"].startswith("skipped")
+    for name in S.FIXED_ADJOINT_RTOL:
+        assert name in S.profile_solvers("full") and name not in expected
 
 
 def test_recomputed_residuals_agree_with_converged_flags(smoke):
