@@ -126,7 +126,9 @@ def _solve(layer, u, owner: str, x, adjoint_init=None):
     from ._layer import solution_info
 
     check_nonempty_batch(owner, x)
-    sol = layer(u, return_solution=True, adjoint_init=adjoint_init)
+    # only when given: a streaming stand-in for the layer (deq.nn.stream) takes no adjoint_init
+    kw = {} if adjoint_init is None else {"adjoint_init": adjoint_init}
+    sol = layer(u, return_solution=True, **kw)
     return sol.value, solution_info(sol)
 
 
