@@ -308,9 +308,9 @@ def fixed_point(f, z0, args=None, *, solver=None, backward=None, batch_axis=None
         e.g. the previous training step's adjoint of the same samples). The loss does not depend
         on it; its "gradient" is the newly solved adjoint `u = J_f^T u + dL/dz*`, to pass back in
         at the next step (`jax.grad(loss, argnums=(0, 1))(params, u)` returns `(grads, u_new)`;
-        start with zeros). It changes where the adjoint solve starts, not what it solves: the
-        gradient is IFT's whenever the adjoint converges, in fewer steps when `adjoint_init` is
-        close. Reverse mode only (a custom VJP, as with `backward_stats`); no hidden state.
+        start with zeros, which costs about one adjoint step more than None, whose start is
+        `dL/dz*`). It changes where the adjoint solve starts, not what it solves: the gradient
+        is IFT's whenever the adjoint converges, in fewer steps when `adjoint_init` is close. Reverse mode only (a custom VJP, as with `backward_stats`); no hidden state.
       solver_dtype: the dtype of the solver's state: its iterates, histories, Anderson's least
         squares, the stopping test and `stats` (None, the default: the widest dtype of `z0`'s
         leaves, at least float32). `f` always runs in its own dtypes: each step the iterate is

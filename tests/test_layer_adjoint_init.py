@@ -90,3 +90,19 @@ def test_linen_adjoint_init_passes_through():
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="adjoint_init"):
         loss(params, jnp.zeros((4, 2), jnp.float64))
+
+
+def test_streaming_refuses_a_warm_start():
+    """Under `deq.nn.stream` (not differentiable) a model that hands its layer a warm start gets
+    a TypeError naming it."""
+
+    class Warm(nnx.Module):
+        def __init__(self):
+            self.deq = deq.nn.DEQ(Cell(nnx.Rngs(0)))
+
+        def __call__(self, x):
+            return self.deq(x, adjoint_init=jnp.zeros_like(x))
+
+    x = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float64).reshape(4, 3)
+    with pytest.raises(TypeError, match="streaming solves are not differentiable"):
+        deq.nn.stream(Warm(), x, slots=2)

@@ -529,7 +529,8 @@ class DEQ(nnx.Module):
         `deq.fixed_point`). None runs up to the solver's `max_steps`.
       adjoint_init: with the `deq.IFT` backward, a warm start for the adjoint solve, shaped like
         the state (e.g. the previous training step's adjoint for the same samples); its
-        gradient is the newly solved adjoint (see `deq.fixed_point`). None starts from zero.
+        gradient is the newly solved adjoint (see `deq.fixed_point`). None starts from `dL/dz*`,
+        IFT's cold start.
 
     Returns:
       `z*` shaped like the state, or a `deq.Solution` when `return_solution=True` (stats per

@@ -71,7 +71,12 @@ class _StreamingDEQ(DEQ):
     """A `DEQ` whose calls stream (the class a model's layers take during `deq.nn.stream`)."""
 
     def __call__(self, x, z0=None, *, return_solution: bool = False, solver=None, backward_stats=None,
-                 max_steps=None):
+                 max_steps=None, adjoint_init=None):
+        if adjoint_init is not None:
+            raise TypeError(
+                "deq.nn.stream: `adjoint_init` warm-starts the adjoint of a differentiated solve, but "
+                "streaming solves are not differentiable. Call the model without deq.nn.stream to train it."
+            )
         sol = _stream_layer(self, x, slots=_SLOTS.get(), z0=z0, solver=solver, max_steps=max_steps)
         return sol if return_solution else sol.value
 

@@ -126,9 +126,7 @@ def _solve(layer, u, owner: str, x, adjoint_init=None):
     from ._layer import solution_info
 
     check_nonempty_batch(owner, x)
-    # only when given: a streaming stand-in for the layer (deq.nn.stream) takes no adjoint_init
-    kw = {} if adjoint_init is None else {"adjoint_init": adjoint_init}
-    sol = layer(u, return_solution=True, **kw)
+    sol = layer(u, return_solution=True, adjoint_init=adjoint_init)
     return sol.value, solution_info(sol)
 
 
@@ -223,7 +221,7 @@ class DEQClassifier(_DenseBase):
       x: the input batch.
       adjoint_init: with the `deq.IFT` backward, a warm start `(B, hidden)` for the adjoint
         solve, passed to the DEQ layer (see `deq.nn.DEQ`); its gradient is the newly solved
-        adjoint. None (the default) starts it from zero.
+        adjoint. None (the default) starts it from `dL/dz*`, IFT's cold start.
 
     Returns:
       Calling the model returns `(logits (B, num_classes), info)` with `info` from
