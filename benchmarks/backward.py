@@ -134,6 +134,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     parse_args()  # --help and bad arguments answer here, before JAX is imported; main() reparses
 
+import itertools
 import os
 import resource
 import time
@@ -149,7 +150,7 @@ from flax import nnx
 
 import deq
 import deq.nn
-from deq.data import load_digits, load_mnist1d
+from deq.data import iterate_batches, load_digits, load_mnist1d
 from deq.nn import BackwardProbe
 from deq.nn.models import DEQClassifier, default_backward, default_solver
 
@@ -242,18 +243,13 @@ def batch_indices(n: int, batch: int, seed: int, steps: int):
     """Sample indices of the first ``steps`` training batches.
 
     The order of ``deq.data.iterate_batches(x, y, batch, seed=seed)`` over as many epochs as
-    needed: a fresh permutation of ``range(n)`` per epoch from one ``numpy.random.default_rng(seed)``,
-    the last incomplete batch of each epoch dropped. ``IFT-warm`` needs the indices to find each
+    needed (its own batching, run on ``range(n)``). ``IFT-warm`` needs the indices to find each
     sample's adjoint in its bank.
     """
-    rng, k = np.random.default_rng(seed), 0
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n - batch + 1, batch):
-            if k == steps:
-                return
-            yield order[start:start + batch]
-            k += 1
+    ids = np.arange(n)
+    epochs = steps // (n // batch) + 1
+    batches = iterate_batches(ids, ids, batch, seed=seed, epochs=epochs)
+    return (idx for _, idx in itertools.islice(batches, steps))
 
 
 def update_bank(bank: jax.Array, idx, u: jax.Array) -> jax.Array:
